@@ -1,0 +1,135 @@
+"""Reading /proc: process start ticks, process-group members, whole-tree memory and CPU.
+
+Effects layer (reads the OS). One directory pass serves every question asked in the
+same round, so callers batch: `snapshot()` once, then look up many groups and trees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Stat:
+    pid: int
+    state: str
+    ppid: int
+    pgid: int
+    utime: int
+    stime: int
+    start_ticks: int
+    rss_pages: int
+
+
+def read_stat(pid: int) -> Stat | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: split after the last ')'
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    return Stat(
+        pid=pid,
+        state=rest[0].decode(),
+        ppid=int(rest[1]),
+        pgid=int(rest[2]),
+        utime=int(rest[11]),
+        stime=int(rest[12]),
+        start_ticks=int(rest[19]),
+        rss_pages=int(rest[21]),
+    )
+
+
+def start_ticks(pid: int) -> int | None:
+    stat = read_stat(pid)
+    return stat.start_ticks if stat else None
+
+
+def is_live(pid: int, ticks: int) -> bool:
+    """The same process (pid and start time) exists and is not a zombie."""
+    stat = read_stat(pid)
+    return stat is not None and stat.start_ticks == ticks and stat.state not in ("Z", "X")
+
+
+def group_exists(pgid: int) -> bool:
+    """Cheap first check: kill(-pgid, 0) fails once no process (not even a zombie) is left."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Snapshot:
+    """One pass over /proc: every live (non-zombie) process, by pgid and by parent."""
+
+    stats: dict[int, Stat] = field(default_factory=dict)
+    by_pgid: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    children: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def group(self, pgid: int) -> list[int]:
+        return list(self.by_pgid.get(pgid, ()))
+
+    def tree(self, root: int) -> list[int]:
+        """root and all its live descendants."""
+        out, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            if pid in self.stats:
+                out.append(pid)
+                todo.extend(self.children.get(pid, ()))
+        return out
+
+    def instance_pids(self, pid: int, pgid: int) -> set[int]:
+        """Every process of an instance: its process group plus the leader's descendants."""
+        return set(self.group(pgid)) | set(self.tree(pid))
+
+    def usage(self, pids: set[int]) -> tuple[int, float]:
+        """(resident bytes, cpu seconds) summed over pids."""
+        rss = sum(self.stats[p].rss_pages for p in pids if p in self.stats) * PAGE_SIZE
+        ticks = sum(self.stats[p].utime + self.stats[p].stime for p in pids if p in self.stats)
+        return rss, ticks / CLK_TCK
+
+
+def snapshot() -> Snapshot:
+    snap = Snapshot()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        stat = read_stat(int(name))
+        if stat is None or stat.state in ("Z", "X"):
+            continue
+        snap.stats[stat.pid] = stat
+        snap.by_pgid[stat.pgid].append(stat.pid)
+        snap.children[stat.ppid].append(stat.pid)
+    return snap
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Non-zombie processes of a group; an empty list means the group is gone."""
+    if not group_exists(pgid):
+        return []
+    return snapshot().group(pgid)
+
+
+def read_environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            env[key.decode(errors="replace")] = value.decode(errors="replace")
+    return env

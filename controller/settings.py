@@ -1,0 +1,109 @@
+"""Controller settings: the `run` flags, the config file that holds their defaults, placement.
+
+Model layer: pydantic validation of the config file (unknown keys are errors) and the
+merge rule "command line over config file over built-in default". Reads no files itself.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.manifests import ENV_KEY_RE
+
+
+class GitSource(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: str
+    ref: str | None = None
+    path: str | None = None
+    interval: float = Field(30.0, gt=0)
+
+
+class ProviderConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    executable: str | None = None
+    args: list[str] | None = None
+    env: dict[str, str] | None = None
+
+
+class ConfigFile(BaseModel):
+    """The YAML of `agentctl run --config FILE` (CONTRACT §2)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    manifests: str | GitSource | None = None
+    state_dir: str | None = Field(None, alias="stateDir")
+    base_dir: str | None = Field(None, alias="baseDir")
+    metrics_addr: str | None = Field(None, alias="metricsAddr")
+    resync: float | None = Field(None, gt=0)
+    max_agents: int | None = Field(None, ge=0, alias="maxAgents")
+    log_format: str | None = Field(None, alias="logFormat", pattern="^(text|json)$")
+    stop_agents_on_exit: bool | None = Field(None, alias="stopAgentsOnExit")
+    host_name: str | None = Field(None, alias="hostName")
+    host_labels: dict[str, str] | None = Field(None, alias="hostLabels")
+    allow_insecure_manifests: bool | None = Field(None, alias="allowInsecureManifests")
+    git_url: str | None = Field(None, alias="gitUrl")
+    git_ref: str | None = Field(None, alias="gitRef")
+    git_path: str | None = Field(None, alias="gitPath")
+    git_interval: float | None = Field(None, gt=0, alias="gitInterval")
+    env: dict[str, str] = Field(default_factory=dict)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+
+    def env_errors(self) -> list[str]:
+        import re
+
+        return [f"env: invalid variable name {k!r}" for k in self.env if not re.match(ENV_KEY_RE, k)]
+
+
+class Settings(BaseModel):
+    """Everything `run`/`plan` need, after merging flags over the config file."""
+
+    model_config = ConfigDict(frozen=True)
+    manifests: Path = Path("manifests")
+    state_dir: Path = Path(".agentctl")
+    base_dir: Path = Field(default_factory=Path.cwd)
+    metrics_addr: str = "127.0.0.1:9478"
+    resync: float = 30.0
+    max_agents: int | None = None
+    log_format: str = "text"
+    stop_agents_on_exit: bool = False
+    host_name: str = Field(default_factory=socket.gethostname)
+    host_labels: dict[str, str] = Field(default_factory=dict)
+    allow_insecure_manifests: bool = False
+    git: GitSource | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    once: bool = False
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def status_dir(self) -> Path:
+        return self.state_dir / "status"
+
+
+def parse_host_labels(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` -> dict; raises ValueError naming the bad item."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"host label {item!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address {text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")

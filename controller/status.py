@@ -1,0 +1,215 @@
+"""Status documents of CONTRACT §4: rendering (pure) and atomic writing (only when changed).
+
+The reconciler calls `render` after each reconcile of an agent and `StatusWriter.write`
+with the result; `get`/`describe` and the HTTP API read what was written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from controller.model import InstanceRecord, RunState
+from controller.planner import PhaseView
+
+log = logging.getLogger("agentctl.status")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Phases and reasons are StrEnums: written as the plain strings users see."""
+
+
+_Dumper.add_multi_representer(str, lambda dumper, value: dumper.represent_str(str(value)))
+
+
+def iso(wall: float | None) -> str | None:
+    if wall is None:
+        return None
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Clock:
+    wall: float
+    mono: float
+
+    def to_wall(self, mono: float) -> float:
+        return self.wall + (mono - self.mono)
+
+
+def _exit(rec: InstanceRecord) -> dict[str, Any] | None:
+    e = rec.last_exit
+    if e is None:
+        return None
+    out: dict[str, Any] = {
+        "exitCode": e.exit_code,
+        "signal": e.signal,
+        "at": iso(e.at),
+        "runtimeSeconds": round(e.runtime_seconds, 3),
+        "reason": e.reason,
+        "logTail": list(e.log_tail),
+    }
+    if e.message:
+        out["message"] = e.message
+    return out
+
+
+def _instance(rec: InstanceRecord, clock: Clock) -> dict[str, Any]:
+    alive = rec.state != RunState.EXITED and rec.handle is not None
+    out: dict[str, Any] = {
+        "id": rec.id,
+        "pid": rec.handle.pid if alive and rec.handle else None,
+        "state": rec.state.value,
+        "startedAt": iso(rec.started_at) if alive else None,
+        "restarts": rec.restarts,
+        "lastExit": _exit(rec),
+    }
+    if rec.state == RunState.EXITED and rec.next_start is not None and rec.terminal is None:
+        out["nextAttemptAt"] = iso(clock.to_wall(rec.next_start))
+    if rec.state == RunState.STOPPING:
+        out["stopReason"] = rec.stop_reason
+    return out
+
+
+@dataclass
+class StatusInput:
+    name: str
+    source: str
+    phase: PhaseView
+    spec_hash: str | None
+    instances: list[InstanceRecord]
+    restarts: int
+    valid: bool
+    errors: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    supervisor: str = "process"
+    source_revision: str | None = None
+    source_ready: tuple[bool, str] | None = None  # Git sources only: (ok, message)
+    created_at: float | None = None
+
+
+def _condition(kind: str, ok: bool, reason: str, message: str, now: str,
+               previous: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    before = previous.get(kind)
+    since = before["lastTransitionTime"] if before and before.get("status") == status else now
+    return {"type": kind, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+
+
+def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> dict[str, Any]:
+    now = iso(clock.wall) or ""
+    prev_conditions = {c["type"]: c for c in (previous or {}).get("conditions", [])}
+    pv = inp.phase
+    conditions = [
+        _condition("Valid", inp.valid, "Parsed" if inp.valid else "InvalidManifest",
+                   "; ".join(inp.errors), now, prev_conditions),
+        _condition("Ready", pv.ready >= pv.desired and pv.desired > 0 and pv.phase == "Running",
+                   pv.reason, pv.message, now, prev_conditions),
+    ]
+    if inp.source_ready is not None:
+        ok, message = inp.source_ready
+        conditions.append(_condition("SourceReady", ok, "Synced" if ok else "FetchFailed", message, now, prev_conditions))
+    doc: dict[str, Any] = {
+        "name": inp.name,
+        "source": inp.source,
+        "phase": pv.phase.value,
+        "specHash": inp.spec_hash,
+        "supervisor": inp.supervisor,
+        "labels": inp.labels,
+        "replicas": {"desired": pv.desired, "ready": pv.ready},
+        "restarts": inp.restarts,
+        "instances": [_instance(r, clock) for r in sorted(inp.instances, key=lambda r: r.index)],
+        "conditions": conditions,
+        "lastError": "; ".join(inp.errors) if inp.errors else (pv.message or None) if pv.phase in ("Failed", "Pending") else None,
+        "createdAt": iso(inp.created_at),
+        "updatedAt": now,
+    }
+    if inp.source_revision is not None:
+        doc["sourceRevision"] = inp.source_revision
+    return doc
+
+
+def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
+    if a is None:
+        return False
+    return {k: v for k, v in a.items() if k != "updatedAt"} == {k: v for k, v in b.items() if k != "updatedAt"}
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class StatusWriter:
+    """One YAML file per agent under <state-dir>/status, rewritten only when it changed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.docs: dict[str, dict[str, Any]] = {}
+        self.failures = 0  # writes that failed since start (disk full, read-only...)
+        self.last_error: str | None = None
+
+    def previous(self, name: str) -> dict[str, Any] | None:
+        if name not in self.docs:
+            loaded = read_status(self.dir, name)
+            if loaded is not None:
+                self.docs[name] = loaded
+        return self.docs.get(name)
+
+    def write(self, name: str, doc: dict[str, Any]) -> bool:
+        if _same(self.docs.get(name), doc):
+            return False
+        try:
+            atomic_write(self.dir / f"{name}.yaml", yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+        except OSError as exc:
+            self.failures += 1
+            self.last_error = f"cannot write status of {name}: {exc}"
+            log.error("%s", self.last_error)
+            return False
+        self.docs[name] = doc
+        self.last_error = None
+        return True
+
+    def remove(self, name: str) -> None:
+        self.docs.pop(name, None)
+        try:
+            (self.dir / f"{name}.yaml").unlink()
+        except FileNotFoundError:
+            pass
+
+    def names_on_disk(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.yaml"))
+
+
+def read_status(directory: Path, name: str) -> dict[str, Any] | None:
+    try:
+        data = yaml.safe_load((directory / f"{name}.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_all(directory: Path) -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(directory.glob("*.yaml")):
+        doc = read_status(directory, path.stem)
+        if doc is not None:
+            docs.append(doc)
+    return docs

@@ -1,0 +1,1 @@
+"""Supervisor adapters: one module each, one registry entry each (see `registry`)."""

@@ -1,0 +1,69 @@
+"""The Supervisor protocol: how the reconciler starts, signals and finds instances.
+
+Adapters own every OS effect of running an instance (spawn, signal, liveness of its
+processes, cleanup). The reconciler owns timing (grace deadlines, backoff) and never
+branches on the adapter kind; the planner never sees an adapter at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from controller.model import Handle, InstanceSpec
+
+
+class SupervisorError(Exception):
+    """An adapter could not do what was asked; `retryable` says whether trying later may help."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the main process ended; both None means unknown (we were not its parent)."""
+
+    code: int | None
+    signal: int | None
+
+    @property
+    def known(self) -> bool:
+        return self.code is not None or self.signal is not None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every adapter is given at construction."""
+
+    state_dir: Path
+    controller_id: str  # stable per state dir: names tmux sockets and systemd units
+
+
+class Supervisor(Protocol):
+    kind: ClassVar[str]
+    # True when start/stop call external commands: the reconciler runs them off the loop thread.
+    blocking: ClassVar[bool]
+
+    def unavailable_reason(self) -> str | None:
+        """None when this adapter can run instances on this host, else why not."""
+
+    def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
+        """Start the instance; stdout and stderr are appended to log_path. Raises SupervisorError."""
+
+    def signal(self, handle: Handle, sig: int) -> None:
+        """Send sig to every process of the instance (its whole process group / unit)."""
+
+    def alive(self, handle: Handle) -> bool:
+        """True while any non-zombie process of the instance exists."""
+
+    def adopt(self, handle: Handle) -> bool:
+        """After a controller restart: True if handle still names the same live main process."""
+
+    def exit_status(self, handle: Handle) -> ExitStatus:
+        """Called once the main process has exited: its exit code or signal if knowable."""
+
+    def cleanup(self, handle: Handle) -> None:
+        """Release what the instance left behind once no process of it lives (tmux session...)."""

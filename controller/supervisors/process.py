@@ -1,0 +1,101 @@
+"""The `process` adapter: each instance is a direct child, leader of its own process group.
+
+argv is exec'd without a shell; output is appended to the instance log. Exit codes are
+known for children of this controller; an adopted process's exit code is not (reason Lost).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import ClassVar
+
+from controller import procfs
+from controller.model import Handle, InstanceSpec
+from controller.supervisors.base import Context, ExitStatus, SupervisorError
+
+
+def spawn_env(spec: InstanceSpec) -> dict[str, str]:
+    """The controller's own environment under the instance's explicit env."""
+    env = dict(os.environ)
+    env.update(spec.env)
+    return env
+
+
+def open_log(log_path: Path) -> int:
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+class ProcessSupervisor:
+    kind: ClassVar[str] = "process"
+    blocking: ClassVar[bool] = False
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
+        fd = open_log(log_path)
+        try:
+            child = subprocess.Popen(  # noqa: S603 - argv, never a shell
+                list(spec.argv),
+                cwd=spec.cwd,
+                env=spawn_env(spec),
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise SupervisorError(f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}", retryable=False) from exc
+        finally:
+            os.close(fd)
+        self._children[child.pid] = child
+        ticks = procfs.start_ticks(child.pid)
+        if ticks is None:  # exited and was reaped already: cannot happen before wait(), keep a sane value
+            ticks = 0
+        return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks)
+
+    def signal(self, handle: Handle, sig: int) -> None:
+        try:
+            os.killpg(handle.pgid, sig)
+        except ProcessLookupError:
+            pass
+        # a leader that left its group (setpgid) still gets the signal
+        if handle.pgid != handle.pid and procfs.is_live(handle.pid, handle.start_ticks):
+            try:
+                os.kill(handle.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def alive(self, handle: Handle) -> bool:
+        self._reap(handle.pid)
+        if procfs.is_live(handle.pid, handle.start_ticks):
+            return True
+        return bool(procfs.live_group_members(handle.pgid))
+
+    def adopt(self, handle: Handle) -> bool:
+        return procfs.is_live(handle.pid, handle.start_ticks)
+
+    def exit_status(self, handle: Handle) -> ExitStatus:
+        child = self._children.pop(handle.pid, None)
+        if child is None:
+            return ExitStatus(None, None)
+        code = child.wait()
+        if code < 0:
+            return ExitStatus(None, -code)
+        return ExitStatus(code, None)
+
+    def cleanup(self, handle: Handle) -> None:
+        self._reap(handle.pid)
+
+    def _reap(self, pid: int) -> None:
+        child = self._children.get(pid)
+        if child is not None and child.returncode is None:
+            child.poll()
