@@ -1,0 +1,126 @@
+"""Wiring for `agentctl run` and `agentctl plan`: controller, HTTP, watchers, signals.
+
+Runtime layer. Owns the process-level concerns (signal handlers, the controller.json
+file that tells CLI commands where the HTTP listener is) and nothing of reconciling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+
+from controller import status
+from controller.http import serve
+from controller.metrics import Metrics
+from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
+from controller.planner import plan_agent
+from controller.reconciler import Controller
+from controller.settings import Settings
+from controller.watch import resync_ticker, watch_files
+
+log = logging.getLogger("agentctl")
+
+
+def run_controller(settings: Settings, host: str, port: int) -> int:
+    controller = Controller(settings)
+    controller.open()
+    metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))
+    controller.observe = metrics.observe
+    try:
+        server = serve(host, port, lambda: controller.snapshot, metrics)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        if controller.store is not None:
+            controller.store.close()
+        return 2
+    bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
+    log.info("agentctl %s watching %s, state in %s, HTTP on http://%s:%d", _version(), settings.manifests,
+             settings.state_dir, bound_host, bound_port)
+    status.atomic_write(settings.state_dir / "controller.json", json.dumps(
+        {"pid": os.getpid(), "metricsAddr": f"{bound_host}:{bound_port}", "startedAt": time.time()}) + "\n")
+    try:
+        return asyncio.run(_main(controller, settings))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _version() -> str:
+    from controller import __version__
+
+    return __version__
+
+
+async def _main(controller: Controller, settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    background = [] if settings.once else [watch_files(controller, stop), resync_ticker(controller, stop, settings.resync)]
+    from controller.health import health_loop
+
+    if not settings.once:
+        background.append(health_loop(controller, stop))
+    code = await controller.run(stop, background)
+    if stop.is_set():
+        log.info("signal received: stopping the controller%s", ", and its agents" if settings.stop_agents_on_exit else
+                 " (agents keep running and are adopted on the next start)")
+    await controller.shutdown(stop_agents=settings.stop_agents_on_exit)
+    return code
+
+
+def _line(action: object, running: bool) -> str | None:
+    if isinstance(action, Start):
+        verb = "create" if action.reason == "Created" else "restart"
+        return f"{verb} {action.spec.id} {action.reason}"
+    if isinstance(action, Stop):
+        verb = "restart" if action.reason in ("SpecChanged", "ManualRestart", "LivenessFailed", "MemoryLimitExceeded") else "stop"
+        return f"{verb} {action.instance} {action.reason}"
+    if isinstance(action, Kill):
+        return f"stop {action.instance} GracePeriodOver"
+    if isinstance(action, Schedule):
+        return f"restart {action.instance} BackOff"
+    if isinstance(action, Wait):
+        return f"noop {action.instance} {action.reason}"
+    if isinstance(action, Forget):
+        return None
+    return f"noop {getattr(action, 'instance', '?')} {getattr(action, 'reason', '')}".rstrip()
+
+
+def dry_run(settings: Settings, *, running: bool) -> list[str]:
+    """`agentctl plan`: the next reconcile's actions, computed without changing anything."""
+    controller = Controller(settings)
+    controller.open_readonly()
+    controller.sync_manifests()
+    lines: list[str] = []
+    now = time.monotonic()
+    for name in sorted(controller.agents):
+        agent = controller.agents[name]
+        if agent.present and not agent.placed:
+            lines.append(f"noop {name} NotPlaced")
+            continue
+        if agent.desired is None and agent.present:
+            lines.append(f"noop {name} InvalidManifest")
+            continue
+        view = controller._view(agent)
+        adopted = []
+        for rec in view.instances.values():
+            sup = controller.supervisors.get(rec.supervisor)
+            if rec.state == RunState.EXITED or rec.handle is None or sup is None:
+                continue
+            if not running and sup.adopt(rec.handle):
+                adopted.append(rec.id)
+        plan = plan_agent(view, now, capacity=controller._capacity())
+        own = [_line(a, running) for a in plan.actions]
+        for iid in adopted:
+            lines.append(f"adopt {iid} ControllerRestart")
+        lines.extend(line for line in own if line and not (line.startswith("noop") and line.split()[1] in adopted))
+        if not plan.actions and not adopted:
+            lines.append(f"noop {name} {'ScaledToZero' if agent.target else 'Gone'}")
+    if controller.store is not None:
+        controller.store.close()
+    return lines
