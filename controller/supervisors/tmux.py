@@ -1,0 +1,387 @@
+"""The `tmux` adapter: each instance runs in its own session of a private tmux server.
+
+The server socket is `<state-dir>/tmux.sock` (or `-L agentctl-<controller id>` when that
+path is too long for a socket). Output reaches the instance log from the first byte, and
+the dead pane is kept until `cleanup` so its exit status can be read. Also gives the CLI
+`attach_argv` and `capture`; it never decides when to start or stop anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal as signals
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+from controller import procfs
+from controller.model import Handle, InstanceSpec
+from controller.supervisors.base import Context, ExitStatus, SupervisorError
+from controller.supervisors.process import open_log, spawn_env
+
+TMUX = "tmux"
+SOCKET_FILE = "tmux.sock"
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; keep a margin
+WINDOW_SIZE = ("200", "50")
+COMMAND_TIMEOUT = 10.0
+# tmux refuses a command line over 16 KiB ("command too long"): the environment is sent in chunks.
+MAX_COMMAND_BYTES = 12_000
+EXIT_WAIT = 1.0  # how long exit_status waits for tmux to notice the exit
+CACHE_SECONDS = 30.0
+MIN_VERSION = (3, 0)  # respawn-pane -e
+HOLD_ARGV = ("cat", "-")  # placeholder process of a new pane until pipe-pane is attached
+PANE_FORMAT = "#{session_name}|#{pane_pid}|#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}"
+# tmux sets these for the pane after the session environment, so only `-e` can override them.
+TERMINAL_VARS = frozenset({"TERM", "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "COLORTERM", "TMUX"})
+# The tmux client runs with only these (plus PATH); whichever client starts the server fixes
+# its global environment, so keeping it small keeps stale variables out of the panes.
+CLIENT_VARS = ("HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMUX_TMPDIR")
+
+
+@dataclass(frozen=True)
+class PaneState:
+    """One line of `list-panes -F PANE_FORMAT`."""
+
+    session: str
+    pid: int
+    dead: bool
+    status: int | None
+    signal: int | None
+
+
+# -- pure: names, escaping, command construction, parsing ------------------------------
+
+
+def session_name(instance_id: str) -> str:
+    """tmux forbids '.' and ':' in session names; keep a conservative alphabet."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", instance_id) or "_"
+
+
+def socket_args(ctx: Context) -> list[str]:
+    path = ctx.state_dir.absolute() / SOCKET_FILE
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return ["-S", str(path)]
+    return ["-L", "agentctl-" + session_name(ctx.controller_id)]
+
+
+def tmux_argv(ctx: Context, args: Sequence[str]) -> list[str]:
+    """-f /dev/null: a user's ~/.tmux.conf must not change how our server behaves."""
+    return [TMUX, *socket_args(ctx), "-f", "/dev/null", *args]
+
+
+def pane_target(session: str) -> str:
+    """Exact session name ('=': no prefix match), its current window and pane."""
+    return f"={session}:"
+
+
+def escape_arg(arg: str) -> str:
+    """tmux splits commands at an argument ending in ';'; a '\\;' ending is kept as ';'."""
+    return arg[:-1] + "\\;" if arg.endswith(";") else arg
+
+
+def escape_format(text: str) -> str:
+    """For arguments tmux expands as formats (-c, the pipe-pane command)."""
+    return text.replace("#", "##")
+
+
+def command_line(commands: Iterable[Sequence[str]]) -> list[str]:
+    """Several tmux commands as one argv, joined by ';' separators."""
+    out: list[str] = []
+    for cmd in commands:
+        if out:
+            out.append(";")
+        out.extend(escape_arg(arg) for arg in cmd)
+    return out
+
+
+def chunk_commands(
+    commands: Sequence[Sequence[str]], limit: int = MAX_COMMAND_BYTES
+) -> list[list[Sequence[str]]]:
+    """Group commands so that each group's command line stays under `limit` bytes."""
+    chunks: list[list[Sequence[str]]] = []
+    size = limit
+    for cmd in commands:
+        cost = command_bytes(cmd)
+        if size + cost > limit or not chunks:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(cmd)
+        size += cost
+    return chunks
+
+
+def command_bytes(cmd: Sequence[str]) -> int:
+    """Roughly what tmux packs per argument: the bytes, a NUL, and the ';' separator."""
+    return sum(len(os.fsencode(arg)) + 2 for arg in cmd) + 2
+
+
+def pane_argv(argv: Sequence[str]) -> list[str]:
+    """tmux runs a single-word command through the shell: `env` execs it directly instead."""
+    return ["env", "--", *argv] if len(argv) == 1 else list(argv)
+
+
+def create_commands(session: str, *, shell: str, log_path: Path) -> list[list[str]]:
+    """A session whose pane holds a placeholder, keeps its dead pane, and pipes to the log."""
+    target = pane_target(session)
+    pipe = "cat >> " + escape_format(shlex.quote(str(log_path)))
+    width, height = WINDOW_SIZE
+    return [
+        ["set-option", "-g", "default-shell", shell],
+        ["new-session", "-d", "-s", session, "-x", width, "-y", height, "--", *HOLD_ARGV],
+        ["set-option", "-w", "-t", target, "remain-on-exit", "on"],
+        ["pipe-pane", "-t", target, pipe],
+    ]
+
+
+def env_commands(session: str, env: Mapping[str, str]) -> list[list[str]]:
+    """set-environment per variable; values are never shown in errors (they may be secrets)."""
+    commands = [["set-environment", "-t", "=" + session, key, value] for key, value in sorted(env.items())]
+    for cmd in commands:
+        if command_bytes(cmd) > MAX_COMMAND_BYTES:
+            raise SupervisorError(f"environment variable {cmd[3]} is too long for tmux", retryable=False)
+    return commands
+
+
+def respawn_command(session: str, spec: InstanceSpec) -> list[str]:
+    """Replace the placeholder by the real command: output is piped from its first byte."""
+    overrides = [f"{key}={value}" for key, value in spec.env if key in TERMINAL_VARS]
+    env_flags = [flag for item in overrides for flag in ("-e", item)]
+    return [
+        "respawn-pane", "-k", "-t", pane_target(session), "-c", escape_format(spec.cwd),
+        *env_flags, "--", *pane_argv(spec.argv),
+    ]  # fmt: skip
+
+
+def list_panes_command(session: str) -> list[str]:
+    return ["list-panes", "-t", pane_target(session), "-F", PANE_FORMAT]
+
+
+def parse_pane(line: str) -> PaneState | None:
+    """'name|4242|1|3|' -> PaneState; tmux leaves status or signal empty when not known."""
+    parts = line.strip().split("|")
+    if len(parts) != 5 or not parts[1].isdigit():
+        return None
+    name, pid, dead, status, sig = parts
+    return PaneState(
+        session=name,
+        pid=int(pid),
+        dead=dead == "1",
+        status=int(status) if status.isdigit() else None,
+        signal=int(sig) if sig.isdigit() and sig != "0" else None,
+    )
+
+
+def pane_exit(pane: PaneState | None) -> ExitStatus:
+    if pane is None or not pane.dead:
+        return ExitStatus(None, None)
+    if pane.signal is not None:
+        return ExitStatus(None, pane.signal)
+    return ExitStatus(pane.status, None)
+
+
+def parse_version(text: str) -> tuple[int, int] | None:
+    """'tmux 3.3a' -> (3, 3); 'tmux next-3.5' -> (3, 5); None if there is no number."""
+    match = re.search(r"(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def pane_shell(env: Mapping[str, str]) -> str:
+    """tmux overwrites SHELL with default-shell: use the instance's SHELL when it is usable."""
+    shell = env.get("SHELL", "")
+    return shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else "/bin/sh"
+
+
+def client_env(path: str | None = None) -> dict[str, str]:
+    """Environment of the tmux client; the pane's PATH is the client's PATH (tmux rule)."""
+    env = {key: os.environ[key] for key in CLIENT_VARS if key in os.environ}
+    env["PATH"] = path if path is not None else os.environ.get("PATH", os.defpath)
+    return env
+
+
+def find_executable(argv0: str, *, cwd: str, path: str) -> str | None:
+    """Where execvp would find argv0 when run in cwd with PATH=path."""
+    candidate = os.path.join(cwd, argv0) if os.sep in argv0 else argv0
+    return shutil.which(candidate, path=path)
+
+
+# -- effects: running tmux ------------------------------------------------------------
+
+
+def run_tmux(
+    ctx: Context, commands: Sequence[Sequence[str]], *, path: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One tmux client call (argv, never a shell) running `commands` in order on the server.
+
+    Never raises: a missing binary or a hung server come back as a failed call.
+    """
+    argv = tmux_argv(ctx, command_line(commands))
+    try:
+        return subprocess.run(
+            argv, capture_output=True, text=True, env=client_env(path), timeout=COMMAND_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return subprocess.CompletedProcess(argv, -1, "", str(exc))
+
+
+def checked(proc: subprocess.CompletedProcess[str], what: str) -> str:
+    if proc.returncode != 0:
+        raise SupervisorError(f"tmux {what} failed: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout
+
+
+def read_pane(ctx: Context, session: str) -> PaneState | None:
+    """The session's pane, or None when the session (or the whole server) is gone."""
+    proc = run_tmux(ctx, [list_panes_command(session)])
+    if proc.returncode != 0:
+        return None
+    lines = proc.stdout.splitlines()
+    pane = parse_pane(lines[0]) if lines else None
+    return pane if pane is not None and pane.session == session else None
+
+
+def kill_session(ctx: Context, session: str) -> None:
+    run_tmux(ctx, [["kill-session", "-t", "=" + session]])  # already gone is fine
+
+
+def attach_argv(ctx: Context, handle: Handle) -> list[str]:
+    """argv that attaches a terminal to the instance's session (detach: C-b d).
+
+    Run it with TMUX removed from the environment when the caller is itself inside tmux.
+    """
+    return [TMUX, *socket_args(ctx), "attach-session", "-t", "=" + handle.unit]
+
+
+def capture(ctx: Context, handle: Handle, raw: bool) -> str:
+    """The visible screen of the instance's pane; raw keeps colour and attribute escapes."""
+    args = ["capture-pane", "-p", "-t", pane_target(handle.unit)] + (["-e"] if raw else [])
+    text = checked(run_tmux(ctx, [args]), f"capture-pane of session {handle.unit!r}")
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return "".join(line + "\n" for line in lines)
+
+
+class TmuxSupervisor:
+    kind: ClassVar[str] = "tmux"
+    blocking: ClassVar[bool] = True
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._reason: tuple[float, str | None] | None = None
+
+    def unavailable_reason(self) -> str | None:
+        now = time.monotonic()
+        if self._reason is None or now - self._reason[0] > CACHE_SECONDS:
+            self._reason = (now, tmux_problem())
+        return self._reason[1]
+
+    def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
+        spec = replace(spec, cwd=os.path.abspath(spec.cwd))
+        env = spawn_env(spec)
+        check_runnable(spec, env)
+        os.close(open_log(log_path))  # created 0600 before `cat >>` appends to it
+        self.ctx.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        session = session_name(spec.id)
+        self._discard(session)
+        try:
+            pane = self._spawn(session, spec, env, log_path)
+        except SupervisorError:
+            kill_session(self.ctx, session)
+            raise
+        ticks = procfs.start_ticks(pane.pid)
+        # the pane process is a session leader (forkpty): its pgid is its pid
+        return Handle(pid=pane.pid, pgid=pane.pid, start_ticks=ticks or 0, unit=session)
+
+    def signal(self, handle: Handle, sig: int) -> None:
+        try:
+            os.killpg(handle.pgid, sig)
+        except ProcessLookupError:
+            pass
+        if handle.pgid != handle.pid and procfs.is_live(handle.pid, handle.start_ticks):
+            try:
+                os.kill(handle.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def alive(self, handle: Handle) -> bool:
+        if procfs.is_live(handle.pid, handle.start_ticks):
+            return True
+        return bool(procfs.live_group_members(handle.pgid))
+
+    def adopt(self, handle: Handle) -> bool:
+        pane = read_pane(self.ctx, handle.unit)
+        if pane is None or pane.dead or pane.pid != handle.pid:
+            return False
+        return procfs.is_live(handle.pid, handle.start_ticks)
+
+    def exit_status(self, handle: Handle) -> ExitStatus:
+        """tmux reaps the pane process and marks the pane dead a moment after the exit."""
+        deadline = time.monotonic() + EXIT_WAIT
+        while True:
+            pane = read_pane(self.ctx, handle.unit)
+            if pane is None or pane.pid != handle.pid:
+                return ExitStatus(None, None)
+            if pane.dead or time.monotonic() >= deadline:
+                return pane_exit(pane)
+            time.sleep(0.01)
+
+    def cleanup(self, handle: Handle) -> None:
+        pane = read_pane(self.ctx, handle.unit)
+        if pane is not None and pane.pid == handle.pid:  # never a newer instance's session
+            kill_session(self.ctx, handle.unit)
+
+    def _spawn(self, session: str, spec: InstanceSpec, env: dict[str, str], log_path: Path) -> PaneState:
+        create = create_commands(session, shell=pane_shell(env), log_path=Path(os.path.abspath(log_path)))
+        checked(run_tmux(self.ctx, create), f"new-session {session!r}")
+        for chunk in chunk_commands(env_commands(session, env)):
+            checked(run_tmux(self.ctx, chunk), f"set-environment for {session!r}")
+        respawn = [respawn_command(session, spec), list_panes_command(session)]
+        proc = run_tmux(self.ctx, respawn, path=env.get("PATH", os.defpath))
+        out = checked(proc, f"respawn-pane {session!r}")
+        pane = parse_pane(out.splitlines()[-1]) if out.strip() else None
+        if pane is None:
+            raise SupervisorError(f"tmux gave no pane pid for session {session!r}: {out!r}")
+        return pane
+
+    def _discard(self, session: str) -> None:
+        """A session left under this instance's name is a stale copy of it: end it first."""
+        pane = read_pane(self.ctx, session)
+        if pane is None:
+            return
+        if not pane.dead:
+            try:
+                os.killpg(pane.pid, signals.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        kill_session(self.ctx, session)
+
+
+def check_runnable(spec: InstanceSpec, env: Mapping[str, str]) -> None:
+    """tmux would fall back to $HOME for a missing cwd and show a failed exec only as exit 1."""
+    if not os.path.isdir(spec.cwd):
+        raise SupervisorError(f"cannot start {spec.argv[0]!r}: no directory {spec.cwd!r}", retryable=False)
+    if find_executable(spec.argv[0], cwd=spec.cwd, path=env.get("PATH", os.defpath)) is None:
+        raise SupervisorError(f"cannot start {spec.argv[0]!r}: not found or not executable", retryable=False)
+
+
+def tmux_problem() -> str | None:
+    if shutil.which(TMUX) is None:
+        return "tmux not found in PATH"
+    try:
+        proc = subprocess.run(
+            [TMUX, "-V"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"tmux -V failed: {exc}"
+    version = parse_version(proc.stdout)
+    if proc.returncode != 0:
+        return f"tmux -V failed: {proc.stderr.strip() or proc.returncode}"
+    if version is not None and version < MIN_VERSION:
+        return f"{proc.stdout.strip()} is too old (need tmux >= {MIN_VERSION[0]}.{MIN_VERSION[1]})"
+    return None
