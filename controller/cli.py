@@ -309,7 +309,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     if settings.git is None and not settings.manifests.is_dir():
         raise UsageError(f"--manifests {settings.manifests}: not a directory")
-    for line in dry_run(settings, running=controller_running(settings.state_dir)):
+    from controller.gitsource import GitError
+
+    try:
+        lines = dry_run(settings, running=controller_running(settings.state_dir))
+    except GitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in lines:
         print(line)
     return 0
 

@@ -174,7 +174,7 @@ class ManifestSource:
 
     def __init__(self, *roots: Path | str, base_dir: Path, providers: frozenset[str]) -> None:
         # each root keeps the spelling it was given: errors name files "as given or found under the given path"
-        self.roots = [(Path(r), str(r)) for r in roots]
+        self.roots: list[tuple[Path, str]] = [(Path(r), str(r)) for r in roots]
         self.base_dir = base_dir
         self.providers = providers
         self._files: dict[Path, _FileEntry] = {}

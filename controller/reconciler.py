@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from controller import logfiles, procfs
 from controller.desired import DesiredAgent, desire, placed_here
+from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
 from controller.manifests import AgentManifest, ParsedDocument
 from controller.model import (
@@ -94,6 +95,10 @@ class Controller:
         self.state_dir = settings.state_dir
         self.presets: dict[str, Preset] = merge_presets(settings.providers)
         self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=frozenset(self.presets))
+        self.git: GitSource | None = None
+        if settings.git is not None:
+            g = settings.git
+            self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git")
         self.agents: dict[str, AgentState] = {}
         self.instances: dict[str, InstanceRecord] = {}
         self.counters: dict[tuple[str, str], int] = {}
@@ -160,7 +165,8 @@ class Controller:
 
     def _restore_agent(self, row: AgentRow) -> AgentState:
         """An agent known before the restart, on its last valid spec until the manifests say otherwise."""
-        state = AgentState(row.name, row.source, row.first_seen, present=False, source_revision=row.source_revision)
+        # present until a successful load of the manifests says otherwise (a Git source may not answer yet)
+        state = AgentState(row.name, row.source, row.first_seen, present=True, source_revision=row.source_revision)
         if row.manifest is None:
             return state
         try:
@@ -180,6 +186,11 @@ class Controller:
     def sync_manifests(self, result: LoadResult | None = None) -> None:
         """Fold a fresh load of the manifests into the agents; mark what changed dirty."""
         if result is None:
+            if self.git is not None:
+                root = self.git.manifests_root()
+                if root is None or not root.is_dir():
+                    return  # nothing fetched yet: keep every agent as it is
+                self.source.roots = [(root, self.git.display_root())]
             result = self.source.load({n: a.source for n, a in self.agents.items() if a.desired is not None})
         declared: set[str] = set()
         for name, loaded in result.manifests.items():
@@ -218,10 +229,11 @@ class Controller:
             self._event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
         desired = self._desire(loaded)
         placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
-        before = (agent.desired, agent.valid, agent.present, agent.placed, agent.source)
+        revision = self.git.revision if self.git is not None else None
+        before = (agent.desired, agent.valid, agent.present, agent.placed, agent.source, agent.source_revision)
         agent.desired, agent.valid, agent.errors, agent.present = desired, True, [], True
-        agent.placed, agent.source = placed, loaded.source
-        if before != (desired, True, True, placed, loaded.source):
+        agent.placed, agent.source, agent.source_revision = placed, loaded.source, revision
+        if before != (desired, True, True, placed, loaded.source, revision):
             self._save_agent(agent)
             self.mark(name)
 
@@ -646,12 +658,20 @@ class Controller:
                 labels=dict(desired.manifest.metadata.labels) if desired else {},
                 supervisor=desired.spec.supervisor if desired else "process",
                 source_revision=agent.source_revision,
+                source_ready=self._source_ready(),
                 created_at=agent.first_seen,
             ),
             clock(),
             self.status.previous(agent.name),
         )
         self.status.write(agent.name, doc)
+
+    def _source_ready(self) -> tuple[bool, str] | None:
+        if self.git is None:
+            return None
+        if self.git.last_error:
+            return False, self.git.last_error
+        return True, f"{self.git.url} at {self.git.revision}"
 
     def publish(self) -> None:
         """Swap in a new immutable snapshot for the HTTP thread."""

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 from controller import status
 from controller.http import serve
@@ -20,7 +21,7 @@ from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
 from controller.planner import plan_agent
 from controller.reconciler import Controller
 from controller.settings import Settings
-from controller.watch import resync_ticker, watch_files
+from controller.watch import git_poller, resync_ticker, watch_files
 
 log = logging.getLogger("agentctl")
 
@@ -60,11 +61,16 @@ async def _main(controller: Controller, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    background = [] if settings.once else [watch_files(controller, stop), resync_ticker(controller, stop, settings.resync)]
     from controller.health import health_loop
 
-    if not settings.once:
-        background.append(health_loop(controller, stop))
+    if controller.git is not None:
+        result = await asyncio.to_thread(controller.git.sync)  # the first revision, before the first pass
+        if result.error:
+            log.error("git fetch of %s failed: %s", controller.git.url, result.error)
+    background = [] if settings.once else [watch_files(controller, stop), resync_ticker(controller, stop, settings.resync),
+                                           health_loop(controller, stop)]
+    if controller.git is not None and not settings.once:
+        background.append(git_poller(controller, stop, settings.git.interval if settings.git else 30.0))
     code = await controller.run(stop, background)
     if stop.is_set():
         log.info("signal received: stopping the controller%s", ", and its agents" if settings.stop_agents_on_exit else
@@ -95,7 +101,21 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
     """`agentctl plan`: the next reconcile's actions, computed without changing anything."""
     controller = Controller(settings)
     controller.open_readonly()
-    controller.sync_manifests()
+    if controller.git is not None:
+        import tempfile
+
+        # fetch into a scratch dir: `plan` changes nothing under the state dir
+        with tempfile.TemporaryDirectory(prefix="agentctl-plan-") as scratch:
+            from controller.gitsource import GitError, GitSource
+
+            g = controller.git
+            controller.git = GitSource(g.url, ref=g.ref, path=g.path.strip("/") or None, workdir=Path(scratch))
+            result = controller.git.sync()
+            if result.error:
+                raise GitError(f"git fetch of {g.url} failed: {result.error}")
+            controller.sync_manifests()
+    else:
+        controller.sync_manifests()
     lines: list[str] = []
     now = time.monotonic()
     for name in sorted(controller.agents):

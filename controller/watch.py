@@ -47,13 +47,15 @@ def consume_requests(controller: Controller, requests: Path) -> None:
 
 
 async def watch_files(controller: Controller, stop: asyncio.Event) -> None:
+    """Manifest dir events (directory sources only) and restart requests."""
     root = controller.settings.manifests.resolve()
     requests = (controller.state_dir / "requests").resolve()
+    paths = [requests] if controller.git is not None else [root, requests]
     consume_requests(controller, requests)
     while not stop.is_set():
         try:
             async for changes in watchfiles.awatch(
-                root, requests, watch_filter=_relevant(root, requests), debounce=DEBOUNCE_MS, step=STEP_MS,
+                *paths, watch_filter=_relevant(root, requests), debounce=DEBOUNCE_MS, step=STEP_MS,
                 stop_event=stop, recursive=True, ignore_permission_denied=True,
             ):
                 if any(Path(p).parent != requests for _, p in changes):
@@ -70,6 +72,25 @@ async def watch_files(controller: Controller, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except TimeoutError:
                 pass
+
+
+async def git_poller(controller: Controller, stop: asyncio.Event, interval: float) -> None:
+    """Fetch on a timer; a new revision is loaded like a burst of file events."""
+    git = controller.git
+    assert git is not None
+    while not stop.is_set():
+        before = git.last_error
+        result = await asyncio.to_thread(git.sync)
+        if result.error and result.error != before:
+            log.error("git fetch of %s failed, keeping revision %s: %s", git.url, result.revision, result.error)
+        if result.changed:
+            controller.manifests_changed = True
+        if result.changed or result.error != before:
+            controller.resync()  # SourceReady and sourceRevision change on every status
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+        except TimeoutError:
+            pass
 
 
 async def resync_ticker(controller: Controller, stop: asyncio.Event, period: float) -> None:
