@@ -1,9 +1,9 @@
 """Health policies: memory limits, liveness probes (logIdle, exec, httpGet), log rotation.
 
-Runtime layer. A sampling round runs on a timer; it needs one /proc pass for all memory
-limits together. Probes run as tasks with timeouts, never overlapping for one instance and
-never blocking the loop. A failure only asks the controller to stop the instance
-(`request_stop`): the planner then stops and restarts it per policy.
+Runtime layer, driven by `health_loop` beside the reconcile loop. A memory round is one
+/proc pass for all limited instances together. Probes run as tasks with timeouts, never
+overlapping for one instance and never blocking the loop. A failure only asks the
+controller to stop the instance (`request_stop`): the planner stops and restarts it per policy.
 """
 
 from __future__ import annotations
@@ -11,24 +11,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass, field
 
 from controller import logfiles, procfs
-from controller.model import ExitReason, InstanceRecord, RunState
+from controller.manifests import AgentSpec, Liveness
+from controller.model import ExitReason, InstanceRecord, InstanceSpec, RunState
 from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
 log = logging.getLogger("agentctl.health")
 ROTATE_EVERY = 2.0
+MEMORY_EVERY = 0.5
 MAX_PERIOD = 5.0
+MIN_WAIT = 0.02
+OUTPUT_CHARS = 2000  # of a probe's output kept for the exit message and the event
 
 
 @dataclass
 class ProbeState:
-    started: float  # monotonic start of the instance this state belongs to
+    """The probe schedule of one run of one instance (a restart starts a fresh state)."""
+
+    started: float  # monotonic start of the run this state belongs to
     next_at: float
     failures: int = 0
     running: asyncio.Task[None] | None = None
@@ -39,7 +45,10 @@ class ProbeState:
 class Health:
     controller: Controller
     probes: dict[str, ProbeState] = field(default_factory=dict)
-    last_rotate: float = 0.0
+    last_rotate: float = float("-inf")
+    next_memory: float = float("-inf")
+    # set by a finished probe: its result may call for the next one sooner than any timer
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def live(self) -> list[InstanceRecord]:
         return [r for r in self.controller.instances.values() if r.state == RunState.RUNNING and r.handle is not None]
@@ -47,39 +56,54 @@ class Health:
     def round(self, now: float) -> float:
         """One sampling round; returns seconds until the next one is useful."""
         live = self.live()
-        waits = [MAX_PERIOD, ROTATE_EVERY]
         if now - self.last_rotate >= ROTATE_EVERY:
             self.last_rotate = now
             self._rotate(live)
-        waits.append(self._memory(live))
+        waits = [MAX_PERIOD, self.last_rotate + ROTATE_EVERY - now]
+        waits.append(self._memory(live, now))
         waits.append(self._liveness(live, now))
-        self.probes = {k: v for k, v in self.probes.items() if k in {r.id for r in live}}
-        return max(0.05, min(waits))
+        ids = {r.id for r in live}
+        for gone in [k for k in self.probes if k not in ids]:
+            self.probes.pop(gone)  # a probe still in flight finds its run over and does nothing
+        return max(MIN_WAIT, min(waits))
 
-    def _spec(self, rec: InstanceRecord):  # type: ignore[no-untyped-def]
+    def _spec(self, rec: InstanceRecord) -> AgentSpec | None:
+        """The spec the instance runs, or None while it runs an older one (it is being replaced)."""
         agent = self.controller.agents.get(rec.agent)
         if agent is None or agent.desired is None or agent.desired.spec_hash != rec.spec_hash:
             return None
-        return agent.desired.spec
+        spec: AgentSpec = agent.desired.spec
+        return spec
 
+    def _current(self, rec: InstanceRecord) -> bool:
+        """The same run of the instance is still up and nothing has asked to stop it yet."""
+        now = self.controller.instances.get(rec.id)
+        return (now is not None and now.state == RunState.RUNNING and now.started_mono == rec.started_mono
+                and now.health is None)
+
+    # -- log rotation ---------------------------------------------------------
     def _rotate(self, live: list[InstanceRecord]) -> None:
         for rec in live:
             spec = self._spec(rec)
-            limits = spec.logs if spec is not None else None
-            if limits is None:
+            if spec is None:
                 continue
+            limits = spec.logs
             try:
                 if logfiles.rotate_if_needed(self.controller.log_path(rec.id), limits.max_bytes, limits.backups):
                     log.info("%s log rotated (over %d bytes)", rec.id, limits.max_bytes)
             except OSError as exc:
                 log.error("%s log rotation failed: %s", rec.id, exc)
 
-    def _memory(self, live: list[InstanceRecord]) -> float:
+    # -- memory ---------------------------------------------------------------
+    def _memory(self, live: list[InstanceRecord], now: float) -> float:
         limited = [(r, s.resources.memory_limit_mib) for r in live
-                   if (s := self._spec(r)) is not None and s.resources.memory_limit_mib]
+                   if (s := self._spec(r)) is not None and s.resources.memory_limit_mib and r.health is None]
         if not limited:
             return MAX_PERIOD
-        snap = procfs.snapshot()
+        if now < self.next_memory:
+            return self.next_memory - now
+        self.next_memory = now + MEMORY_EVERY
+        snap = procfs.snapshot()  # one /proc pass for every limited instance
         for rec, limit in limited:
             assert rec.handle is not None and limit is not None
             rss, _ = snap.usage(snap.instance_pids(rec.handle.pid, rec.handle.pgid))
@@ -87,8 +111,9 @@ class Health:
                 self.controller.request_stop(
                     rec.id, ExitReason.MEMORY_LIMIT_EXCEEDED,
                     f"resident memory {rss / 1048576:.1f} MiB over the limit of {limit:g} MiB")
-        return 0.5
+        return MEMORY_EVERY
 
+    # -- liveness -------------------------------------------------------------
     def _liveness(self, live: list[InstanceRecord], now: float) -> float:
         wait = MAX_PERIOD
         for rec in live:
@@ -96,16 +121,19 @@ class Health:
             if spec is None or spec.liveness is None or rec.health is not None:
                 continue
             probe = spec.liveness
-            state = self.probes.get(rec.id)
-            if state is None or state.started != rec.started_mono:
-                state = self.probes[rec.id] = ProbeState(rec.started_mono, now + probe.period_seconds)
             if probe.log_idle_seconds is not None:
                 wait = min(wait, self._log_idle(rec, probe.log_idle_seconds))
                 continue
-            if now >= state.next_at and state.running is None:
+            state = self.probes.get(rec.id)
+            if state is None or state.started != rec.started_mono:
+                # the first probe of a run comes one period after its start
+                state = self.probes[rec.id] = ProbeState(rec.started_mono, now + probe.period_seconds)
+            if state.running is not None:
+                continue  # never two at once for one instance; its end sets `changed`
+            if now >= state.next_at:
                 state.next_at = now + probe.period_seconds
-                state.running = asyncio.get_running_loop().create_task(self._probe(rec, state))
-            wait = min(wait, max(0.05, state.next_at - now))
+                state.running = asyncio.get_running_loop().create_task(self._probe(rec, state, probe))
+            wait = min(wait, state.next_at - now)
         return wait
 
     def _log_idle(self, rec: InstanceRecord, idle: float) -> float:
@@ -113,81 +141,158 @@ class Health:
             mtime = os.stat(self.controller.log_path(rec.id)).st_mtime
         except OSError:
             mtime = 0.0
-        last = max(mtime, rec.started_at)
-        silent = time.time() - last
+        # output written before this run started does not count for it
+        silent = time.time() - max(mtime, rec.started_at)
         if silent >= idle:
             self.controller.request_stop(rec.id, ExitReason.LIVENESS_FAILED,
-                                         f"no output for {silent:.1f}s (logIdleSeconds {idle:g})")
+                                         f"logIdle: no output for {silent:.1f}s (logIdleSeconds {idle:g})")
             return MAX_PERIOD
-        return max(0.05, idle - silent)
+        return idle - silent
 
-    async def _probe(self, rec: InstanceRecord, state: ProbeState) -> None:
-        spec = self._spec(rec)
+    async def _probe(self, rec: InstanceRecord, state: ProbeState, probe: Liveness) -> None:
         try:
-            if spec is None or spec.liveness is None:
-                return
-            probe = spec.liveness
-            ok, output = await (self._exec(rec, probe.exec, probe.timeout_seconds) if probe.exec
-                                else self._http(probe.http_get.url, probe.timeout_seconds))
+            if probe.exec is not None:
+                kind, (ok, output) = "exec", await self._exec(rec, probe.exec, probe.timeout_seconds)
+            else:
+                assert probe.http_get is not None
+                kind, (ok, output) = "httpGet", await http_probe(probe.http_get.url, probe.timeout_seconds)
+            if self.probes.get(rec.id) is not state or not self._current(rec):
+                return  # the run this probe looked at is over: its result is of no use
             state.last_output = output
             state.failures = 0 if ok else state.failures + 1
+            if not ok:
+                log.info("%s %s probe failed (%d/%d): %s", rec.id, kind, state.failures, probe.failure_threshold,
+                         output)
             if state.failures >= probe.failure_threshold:
-                kind = "exec" if probe.exec else "httpGet"
                 self.controller.request_stop(rec.id, ExitReason.LIVENESS_FAILED,
                                              f"{kind} probe failed {state.failures} times in a row: {output}")
+        except Exception as exc:  # noqa: BLE001 - a broken probe is logged, the loop goes on
+            log.error("%s probe crashed: %r", rec.id, exc)
         finally:
             state.running = None
+            self.changed.set()
+
+    def _instance_spec(self, rec: InstanceRecord) -> InstanceSpec | None:
+        agent = self.controller.agents.get(rec.agent)
+        if agent is None or agent.desired is None or rec.index >= len(agent.desired.instances):
+            return None
+        inst: InstanceSpec = agent.desired.instances[rec.index]
+        return inst
 
     async def _exec(self, rec: InstanceRecord, argv: list[str], timeout: float) -> tuple[bool, str]:
-        agent = self.controller.agents[rec.agent]
-        assert agent.desired is not None
-        inst = agent.desired.instances[rec.index] if rec.index < len(agent.desired.instances) else None
+        inst = self._instance_spec(rec)
         if inst is None:
             return True, ""
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=inst.cwd, env=spawn_env(inst), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            return False, f"cannot run {argv[0]!r}: {exc.strerror or exc}"
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            await proc.wait()
-            return False, f"timed out after {timeout:g}s"
-        text = logfiles.strip_escapes(out[-2000:].decode(errors="replace")).strip()
-        return proc.returncode == 0, f"exit {proc.returncode}: {text}" if text else f"exit {proc.returncode}"
+        # the instance's own environment, marker of this controller included
+        env = {**spawn_env(inst), "AGENTCTL_CONTROLLER_ID": self.controller.controller_id}
+        return await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
 
-    async def _http(self, url: str, timeout: float) -> tuple[bool, str]:
-        def get() -> tuple[bool, str]:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-            try:
-                with opener.open(url, timeout=timeout) as resp:
-                    return 200 <= resp.status < 400, f"HTTP {resp.status}"
-            except urllib.error.HTTPError as exc:
-                return 200 <= exc.code < 400, f"HTTP {exc.code}"
-            except (urllib.error.URLError, OSError) as exc:
-                return False, f"GET {url}: {getattr(exc, 'reason', exc)}"
+    async def cancel(self) -> None:
+        tasks = [s.running for s in self.probes.values() if s.running is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
-        return await asyncio.to_thread(get)
+
+async def exec_probe(argv: list[str], *, cwd: str, env: dict[str, str], timeout: float) -> tuple[bool, str]:
+    """Run argv in its own process group; (exit status 0, its output). Over time: the group is killed."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return False, f"cannot run {argv[0]!r}: {exc.strerror or exc}"
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        _kill_group(proc.pid)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return False, f"timed out after {timeout:g}s"
+    text = logfiles.strip_escapes(out[-OUTPUT_CHARS:].decode(errors="replace")).strip()
+    return proc.returncode == 0, f"exit {proc.returncode}: {text}" if text else f"exit {proc.returncode}"
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+async def http_probe(url: str, timeout: float) -> tuple[bool, str]:
+    """GET url (loopback only, so never through a proxy); 2xx and 3xx are success, redirects not followed."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "127.0.0.1").strip("[]")
+    port = parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        return await asyncio.wait_for(_get(host, port, target, parts.netloc), timeout)
+    except TimeoutError:
+        return False, f"GET {url}: timed out after {timeout:g}s"
+    except (OSError, ValueError) as exc:
+        return False, f"GET {url}: {getattr(exc, 'strerror', None) or exc}"
+
+
+async def _get(host: str, port: int, target: str, netloc: str) -> tuple[bool, str]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {netloc}\r\nUser-Agent: agentctl-probe\r\n"
+                     "Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        await writer.drain()
+        line = (await reader.readline()).decode("latin-1").strip()
+        fields = line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+            return False, f"not an HTTP response: {line[:200]!r}"
+        code = int(fields[1])
+        body = await _body_start(reader)
+        text = " ".join(logfiles.strip_escapes(body.decode(errors="replace")).split())
+        return 200 <= code < 400, f"HTTP {code}" + (f": {text}" if text else "")
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
+
+
+async def _body_start(reader: asyncio.StreamReader) -> bytes:
+    """Skip the headers, then up to a few hundred bytes of the body: enough to say why a probe failed."""
+    length: int | None = None
+    while True:
+        header = await reader.readline()
+        if header in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = header.decode("latin-1").partition(":")
+        if name.strip().lower() == "content-length" and value.strip().isdigit():
+            length = int(value.strip())
+    want = min(length, 300) if length is not None else 300
+    if want <= 0:
+        return b""
+    try:
+        return await asyncio.wait_for(reader.read(want), 0.5)
+    except TimeoutError:
+        return b""
 
 
 async def health_loop(controller: Controller, stop: asyncio.Event) -> None:
     health = Health(controller)
     started = asyncio.Event()
     controller.on_start.append(started.set)  # a new instance may need a probe schedule at once
-    while not stop.is_set():
-        started.clear()
-        try:
-            wait = health.round(time.monotonic())
-        except Exception as exc:  # noqa: BLE001 - a sampling failure is logged, supervision goes on
-            log.error("health round failed: %r", exc)
-            wait = MAX_PERIOD
-        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(started.wait())]
-        await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
+    try:
+        while not stop.is_set():
+            started.clear()
+            health.changed.clear()
+            try:
+                wait = health.round(time.monotonic())
+            except Exception as exc:  # noqa: BLE001 - a sampling failure is logged, supervision goes on
+                log.error("health round failed: %r", exc)
+                wait = MAX_PERIOD
+            waiters = [asyncio.ensure_future(e.wait()) for e in (stop, started, health.changed)]
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+    finally:
+        controller.on_start.remove(started.set)
+        await health.cancel()

@@ -1,23 +1,29 @@
 """The read-only HTTP listener: /metrics, /healthz, /readyz, /api/v1/agents[/NAME].
 
-Runs in its own thread and reads only the controller's immutable snapshot; nothing served
-here can change state (GET and HEAD only, anything else is 405).
+Runtime layer; the runner starts it on --metrics-addr. It runs in its own threads and only
+reads the controller's immutable snapshot: nothing served here can change state (GET and
+HEAD only, every other method is 405). Binding beyond loopback is the caller's explicit choice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from controller.metrics import Metrics
+from controller.metrics import Metrics, SnapshotView
 
 log = logging.getLogger("agentctl.http")
+ALLOW = "GET, HEAD"
+PATHS = ("/metrics", "/healthz", "/readyz", "/api/v1/agents", "/api/v1/agents/<name>")
+MAX_DRAIN = 1 << 20  # bytes of a refused request's body read before answering
 
 
 class Server(ThreadingHTTPServer):
@@ -25,71 +31,99 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def make_handler(snapshot: Callable[[], Any], metrics: Metrics) -> type[BaseHTTPRequestHandler]:
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
+Response = tuple[int, bytes, str]
+
+
+def _json(code: int, data: Any) -> Response:
+    return code, json.dumps(data, default=str).encode() + b"\n", "application/json"
+
+
+def route(path: str, snap: SnapshotView, metrics: Metrics) -> Response:
+    """The answer to a GET of path (query string already removed); pure apart from /metrics."""
+    path = path.rstrip("/") or "/"
+    if path == "/metrics":
+        # 0.0.4 rather than the newest text format: every Prometheus (and promtool) reads it.
+        return 200, generate_latest(metrics.registry), CONTENT_TYPE_PLAIN_0_0_4
+    if path == "/healthz":
+        return 200, b"ok\n", "text/plain; charset=utf-8"
+    if path == "/readyz":
+        if snap.ready:
+            return 200, b"ready\n", "text/plain; charset=utf-8"
+        return 503, b"first reconcile pass not done\n", "text/plain; charset=utf-8"
+    if path == "/api/v1/agents":
+        return _json(200, {"items": [snap.statuses[n] for n in sorted(snap.statuses)]})
+    if path.startswith("/api/v1/agents/"):
+        name = urllib.parse.unquote(path.removeprefix("/api/v1/agents/"))
+        if name in snap.statuses:
+            return _json(200, snap.statuses[name])
+        return _json(404, {"error": f"agent {name!r} not found", "code": 404})
+    return _json(404, {"error": f"no such path {path!r}", "code": 404, "paths": list(PATHS)})
+
+
+def make_handler(snapshot: Callable[[], SnapshotView], metrics: Metrics) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "agentctl"
+        timeout = 30  # a client that stalls mid-request does not hold a thread for ever
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.address_string(), *args)
 
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
+        def _send(self, response: Response, headers: dict[str, str] | None = None) -> None:
+            code, body, ctype = response
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
 
-        def _json(self, code: int, data: Any) -> None:
-            self._send(code, json.dumps(data, indent=None).encode(), "application/json")
-
-        def do_GET(self) -> None:  # noqa: N802 - stdlib name
-            path = self.path.split("?", 1)[0].rstrip("/") or "/"
-            snap = snapshot()
-            if path == "/metrics":
-                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
-            elif path == "/readyz":
-                ok = snap.ready
-                self._send(200 if ok else 503, b"ready\n" if ok else b"first reconcile pass not done\n", "text/plain")
-            elif path == "/api/v1/agents":
-                self._json(200, {"items": [snap.statuses[n] for n in sorted(snap.statuses)]})
-            elif path.startswith("/api/v1/agents/"):
-                name = path.removeprefix("/api/v1/agents/")
-                if name in snap.statuses:
-                    self._json(200, snap.statuses[name])
-                else:
-                    self._json(404, {"error": f"agent {name!r} not found"})
-            else:
-                self._json(404, {"error": f"no such path {path!r}"})
+        def do_GET(self) -> None:
+            path = urllib.parse.urlsplit(self.path).path
+            try:
+                response = route(path, snapshot(), metrics)
+            except Exception as exc:  # one bad request must not take the listener down
+                log.exception("HTTP %s %s failed", self.command, path)
+                response = _json(500, {"error": f"internal error: {exc}", "code": 500})
+            self._send(response)
 
         do_HEAD = do_GET
 
         def _refuse(self) -> None:
-            self.send_response(405)
-            self.send_header("Allow", "GET, HEAD")
-            body = json.dumps({"error": "read-only: only GET and HEAD"}).encode()
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._drain()
+            self.close_connection = True
+            self._send(_json(405, {"error": f"method {self.command} not allowed: read-only, only {ALLOW}",
+                                   "code": 405}), {"Allow": ALLOW})
 
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse
+        def _drain(self) -> None:
+            # Read what the client sent, so that closing does not reset the connection
+            # before it has read our answer.
+            try:
+                length = min(int(self.headers.get("Content-Length") or 0), MAX_DRAIN)
+            except ValueError:
+                length = 0
+            if length > 0:
+                self.rfile.read(length)
+
+        def __getattr__(self, name: str) -> Any:
+            # BaseHTTPRequestHandler answers 501 for a method without a do_X; every method
+            # but GET and HEAD is 405 here, including ones it has never heard of.
+            if name.startswith("do_"):
+                return self._refuse
+            raise AttributeError(name)
 
     return Handler
 
 
-def serve(host: str, port: int, snapshot: Callable[[], Any], metrics: Metrics) -> Server:
+def serve(host: str, port: int, snapshot: Callable[[], SnapshotView], metrics: Metrics) -> Server:
     """Bind now (errors surface to the caller) and serve in a daemon thread."""
-    server_cls = Server
-    if ":" in host:
-        import socket
-
-        class Server6(Server):
-            address_family = socket.AF_INET6
-
-        server_cls = Server6
+    server_cls = Server6 if ":" in host else Server
     server = server_cls((host, port), make_handler(snapshot, metrics))
     thread = threading.Thread(target=server.serve_forever, name="agentctl-http", daemon=True)
     thread.start()

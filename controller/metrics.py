@@ -1,132 +1,259 @@
 """Prometheus metrics of CONTRACT §5, on a registry of the controller's own.
 
-Per-agent series come from a custom collector that reads the controller's immutable
-snapshot at scrape time, so a deleted agent's series vanish. Process-tree memory and CPU
-come from one /proc pass per scrape, cached for a second.
+Effects layer; the runner builds one `Metrics`, the HTTP thread renders it. Every series is
+made at scrape time from the controller's immutable snapshot (a deleted agent's series
+vanish with it), so nothing here writes controller state. Process-tree memory and CPU come
+from one /proc pass per scrape, cached for a second.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from controller import __version__, procfs
-from controller.model import Phase
+from controller.model import ExitReason, Handle, Phase
 
-PHASES = [p.value for p in Phase]
+PHASES = tuple(p.value for p in Phase)
+# The exit reasons a restart can be counted under (reconciler._count_restart). Each agent
+# gets a 0-valued restarts_total series for every one of them from its first scrape on, so
+# that increase()/rate() (the crash-loop alert) see the first restart too: a counter series
+# that appears at 1 has no earlier sample to increase from.
+RESTART_REASONS = tuple(str(r) for r in (
+    ExitReason.ERROR, ExitReason.SIGNALED, ExitReason.COMPLETED, ExitReason.LOST, ExitReason.LIVENESS_FAILED,
+    ExitReason.MEMORY_LIMIT_EXCEEDED, ExitReason.MANUAL_RESTART,
+))
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class SnapshotView(Protocol):
+    """What the collector reads of reconciler.Snapshot (kept structural: no upward import)."""
+
+    @property
+    def statuses(self) -> Mapping[str, Mapping[str, Any]]: ...
+    @property
+    def handles(self) -> Mapping[str, tuple[str, Handle]]: ...
+    @property
+    def start_times(self) -> Mapping[str, tuple[str, float]]: ...
+    @property
+    def counters(self) -> Mapping[tuple[str, str], int]: ...
+    @property
+    def last_exit_codes(self) -> Mapping[str, int]: ...
+    @property
+    def manifest_valid(self) -> Mapping[str, bool]: ...
+    @property
+    def ready(self) -> bool: ...
 
 
 class Usage:
-    """Whole-tree RSS and CPU per agent, one /proc pass per second at most."""
+    """Whole-tree RSS and monotonic CPU seconds per agent, one /proc pass per `ttl` at most.
 
-    def __init__(self, ttl: float = 1.0) -> None:
+    CPU is summed per process (pid, start time): a process that is gone keeps the CPU it was
+    last seen with, folded into its agent's total, so neither an exiting child nor one replica
+    restarting makes the counter go down (which Prometheus would read as a reset). CPU used
+    after the last pass before a process exits is not seen. The totals start afresh when the
+    controller restarts or the agent is deleted.
+    """
+
+    def __init__(self, ttl: float = 1.0, *, read: Callable[[], procfs.Snapshot] = procfs.snapshot) -> None:
         self.ttl = ttl
-        self._at = 0.0
+        self._read = read
+        self._at = float("-inf")
         self._value: dict[str, tuple[int, float]] = {}
+        self._seen: dict[tuple[int, int], tuple[str, float]] = {}  # (pid, start ticks) -> (agent, cpu)
+        self._folded: dict[str, float] = {}  # agent -> cpu of its processes that are gone
         self._lock = threading.Lock()
 
-    def get(self, handles: dict[str, tuple[str, object]]) -> dict[str, tuple[int, float]]:
+    def get(self, handles: Mapping[str, tuple[str, Handle]], agents: frozenset[str]) -> dict[str, tuple[int, float]]:
+        """agent -> (resident bytes, cpu seconds) for the known agents; cached for ttl seconds."""
         with self._lock:
             now = time.monotonic()
             if now - self._at >= self.ttl:
-                self._value = self._measure(handles)
+                self._value = self._measure(handles, agents)
                 self._at = now
             return self._value
 
-    @staticmethod
-    def _measure(handles: dict[str, tuple[str, object]]) -> dict[str, tuple[int, float]]:
-        snap = procfs.snapshot()
-        out: dict[str, tuple[int, float]] = {}
+    def _measure(self, handles: Mapping[str, tuple[str, Handle]], agents: frozenset[str]) -> dict[str, tuple[int, float]]:
+        snap = self._read()
+        rss: dict[str, int] = {}
+        seen: dict[tuple[int, int], tuple[str, float]] = {}
         for agent, handle in handles.values():
-            pids = snap.instance_pids(handle.pid, handle.pgid)  # type: ignore[attr-defined]
-            rss, cpu = snap.usage(pids)
-            old = out.get(agent, (0, 0.0))
-            out[agent] = (old[0] + rss, old[1] + cpu)
-        return out
+            for pid in snap.instance_pids(handle.pid, handle.pgid):
+                stat = snap.stats.get(pid)
+                if stat is None:
+                    continue
+                rss[agent] = rss.get(agent, 0) + stat.rss_pages * procfs.PAGE_SIZE
+                seen[(pid, stat.start_ticks)] = (agent, (stat.utime + stat.stime) / procfs.CLK_TCK)
+        for key, (agent, cpu) in self._seen.items():
+            if key not in seen:
+                self._folded[agent] = self._folded.get(agent, 0.0) + cpu
+        self._seen = seen
+        self._folded = {a: v for a, v in self._folded.items() if a in agents}
+        cpu_now = dict(self._folded)
+        for agent, cpu in seen.values():
+            cpu_now[agent] = cpu_now.get(agent, 0.0) + cpu
+        return {a: (rss.get(a, 0), cpu_now.get(a, 0.0)) for a in agents}
 
 
 class AgentCollector(Collector):
-    def __init__(self, snapshot: Callable[[], object], usage: Usage) -> None:
+    """Per-agent series of §5, rebuilt from the snapshot at every scrape."""
+
+    def __init__(self, snapshot: Callable[[], SnapshotView], usage: Usage) -> None:
         self.snapshot = snapshot
         self.usage = usage
 
-    def collect(self) -> Iterator[Metric]:  # noqa: C901 - one family after another
+    def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        statuses = snap.statuses  # type: ignore[attr-defined]
-        info = GaugeMetricFamily("agentctl_agent_info", "Agent known to this controller (1).",
-                                 labels=["agent", "supervisor", "spec_hash", "source"])
-        phase = GaugeMetricFamily("agentctl_agent_phase", "1 for the agent's current phase, 0 for the others.",
-                                  labels=["agent", "phase"])
-        desired = GaugeMetricFamily("agentctl_agent_replicas_desired", "Desired instances.", labels=["agent"])
-        ready = GaugeMetricFamily("agentctl_agent_replicas_ready", "Ready instances.", labels=["agent"])
-        for name, doc in sorted(statuses.items()):
-            info.add_metric([name, doc.get("supervisor") or "", doc.get("specHash") or "", doc.get("source") or ""], 1)
-            for p in PHASES:
-                phase.add_metric([name, p], 1 if doc.get("phase") == p else 0)
-            desired.add_metric([name], doc["replicas"]["desired"])
-            ready.add_metric([name], doc["replicas"]["ready"])
-        yield from (info, phase, desired, ready)
-        restarts = CounterMetricFamily("agentctl_agent_restarts", "Restarts by reason, across spec changes.",
-                                       labels=["agent", "reason"])
-        for (agent, reason), value in sorted(snap.counters.items()):  # type: ignore[attr-defined]
-            if agent in statuses:
-                restarts.add_metric([agent, reason], value)
-        yield restarts
-        exit_code = GaugeMetricFamily("agentctl_agent_last_exit_code", "Exit code of the last exit.", labels=["agent"])
-        for agent, code in sorted(snap.last_exit_codes.items()):  # type: ignore[attr-defined]
-            if agent in statuses:
-                exit_code.add_metric([agent], code)
-        yield exit_code
-        yield from self._instances(snap, statuses)
-        valid = GaugeMetricFamily("agentctl_manifest_valid", "1 if the manifest file is valid.", labels=["source"])
-        for source, ok in sorted(snap.manifest_valid.items()):  # type: ignore[attr-defined]
-            valid.add_metric([source], 1 if ok else 0)
-        yield valid
+        names = sorted(snap.statuses)
+        yield from self._status_families(snap, names)
+        yield self._restarts(snap, names)
+        yield self._last_exit(snap, names)
+        yield self._start_times(snap, names)
+        yield from self._usage(snap, names)
+        yield self._manifests(snap)
 
-    def _instances(self, snap: object, statuses: dict[str, dict[str, object]]) -> Iterator[Metric]:
-        start = GaugeMetricFamily("agentctl_agent_start_time_seconds", "Start time of the instance, unix seconds.",
-                                  labels=["agent", "instance"])
-        for iid, (agent, wall) in sorted(snap.start_times.items()):  # type: ignore[attr-defined]
-            if agent in statuses:
-                start.add_metric([agent, iid], wall)
-        yield start
-        usage = self.usage.get(snap.handles)  # type: ignore[attr-defined]
-        rss = GaugeMetricFamily("agentctl_agent_resident_memory_bytes", "Resident memory of every process of the agent.",
-                                labels=["agent"])
-        cpu = CounterMetricFamily("agentctl_agent_cpu_seconds", "CPU time of the agent's live processes.",
+    @staticmethod
+    def _status_families(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
+        info = GaugeMetricFamily("agentctl_agent_info", "Agent known to this controller, always 1.",
+                                 labels=["agent", "supervisor", "spec_hash", "source"])
+        phase = GaugeMetricFamily("agentctl_agent_phase", "1 for the agent's current phase, 0 for each other phase.",
+                                  labels=["agent", "phase"])
+        desired = GaugeMetricFamily("agentctl_agent_replicas_desired", "Instances the agent's spec asks for.",
+                                    labels=["agent"])
+        ready = GaugeMetricFamily("agentctl_agent_replicas_ready", "Instances of the agent that are running now.",
                                   labels=["agent"])
-        for agent in sorted(statuses):
-            mem, seconds = usage.get(agent, (0, 0.0))
-            rss.add_metric([agent], mem)
-            cpu.add_metric([agent], seconds)
+        for name in names:
+            doc = snap.statuses[name]
+            info.add_metric([name, str(doc.get("supervisor") or ""), str(doc.get("specHash") or ""),
+                             str(doc.get("source") or "")], 1)
+            current = doc.get("phase")
+            for p in PHASES:
+                phase.add_metric([name, p], 1 if current == p else 0)
+            replicas = doc.get("replicas") or {}
+            desired.add_metric([name], replicas.get("desired", 0))
+            ready.add_metric([name], replicas.get("ready", 0))
+        yield from (info, phase, desired, ready)
+
+    @staticmethod
+    def _restarts(snap: SnapshotView, names: list[str]) -> Metric:
+        family = CounterMetricFamily(
+            "agentctl_agent_restarts", "Restarts of the agent's instances by the exit reason that caused them, "
+            "across spec changes; 0 for each reason that has not happened yet.", labels=["agent", "reason"])
+        known = set(names)
+        values: dict[tuple[str, str], float] = {(n, r): 0 for n in names for r in RESTART_REASONS}
+        values.update({key: v for key, v in snap.counters.items() if key[0] in known})
+        for (agent, reason), value in sorted(values.items()):
+            family.add_metric([agent, reason], value)
+        return family
+
+    @staticmethod
+    def _last_exit(snap: SnapshotView, names: list[str]) -> Metric:
+        family = GaugeMetricFamily("agentctl_agent_last_exit_code",
+                                   "Exit code of the agent's last instance exit that had one.", labels=["agent"])
+        for name in names:
+            if name in snap.last_exit_codes:
+                family.add_metric([name], snap.last_exit_codes[name])
+        return family
+
+    @staticmethod
+    def _start_times(snap: SnapshotView, names: list[str]) -> Metric:
+        family = GaugeMetricFamily("agentctl_agent_start_time_seconds",
+                                   "Start time of the instance's current process, seconds since the epoch.",
+                                   labels=["agent", "instance"])
+        known = set(names)
+        for iid, (agent, wall) in sorted(snap.start_times.items()):
+            if agent in known:
+                family.add_metric([agent, iid], wall)
+        return family
+
+    def _usage(self, snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
+        usage = self.usage.get(snap.handles, frozenset(names))
+        rss = GaugeMetricFamily("agentctl_agent_resident_memory_bytes",
+                                "Resident memory of every process of the agent's instances (whole trees).",
+                                labels=["agent"])
+        cpu = CounterMetricFamily("agentctl_agent_cpu_seconds",
+                                  "CPU time (user and system) used by the processes of the agent's instances.",
+                                  labels=["agent"])
+        for name in names:
+            mem, seconds = usage.get(name, (0, 0.0))
+            rss.add_metric([name], mem)
+            cpu.add_metric([name], seconds)
         yield rss
         yield cpu
 
+    @staticmethod
+    def _manifests(snap: SnapshotView) -> Metric:
+        family = GaugeMetricFamily("agentctl_manifest_valid", "1 if the manifest file parses and validates, else 0.",
+                                   labels=["source"])
+        for source, ok in sorted(snap.manifest_valid.items()):
+            family.add_metric([source], 1 if ok else 0)
+        return family
 
-class Metrics:
-    """The controller's own registry: scrape-time agent series plus loop counters."""
 
-    def __init__(self, snapshot: Callable[[], object], queue_depth: Callable[[], float]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(AgentCollector(snapshot, Usage()))
-        self.reconciles = Counter("agentctl_reconcile", "Reconciles of one agent, by result.", ["result"],
-                                  registry=self.registry)
-        for result in ("success", "error"):
-            self.reconciles.labels(result)
-        self.duration = Histogram("agentctl_reconcile_duration_seconds", "Time to reconcile one agent.",
-                                  buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-                                  registry=self.registry)
-        depth = Gauge("agentctl_workqueue_depth", "Agents waiting to be reconciled.", registry=self.registry)
-        depth.set_function(queue_depth)
-        build = Gauge("agentctl_build_info", "Build of this controller (1).", ["version"], registry=self.registry)
-        build.labels(__version__).set(1)
+class LoopCollector(Collector):
+    """Reconcile counters, their duration histogram, queue depth and build info.
+
+    Kept by hand rather than with prometheus_client's Counter/Histogram, which would add
+    `_created` series to every scrape of the text format.
+    """
+
+    def __init__(self, queue_depth: Callable[[], float]) -> None:
+        self.queue_depth = queue_depth
+        self._lock = threading.Lock()
+        self._results = {"success": 0, "error": 0}
+        self._buckets = [0] * (len(DURATION_BUCKETS) + 1)  # the last one is +Inf
+        self._sum = 0.0
 
     def observe(self, result: str, seconds: float) -> None:
-        self.reconciles.labels(result).inc()
-        if result == "success":
-            self.duration.observe(seconds)
+        """Called by the reconcile loop; the duration is recorded for successful reconciles only."""
+        with self._lock:
+            self._results[result] = self._results.get(result, 0) + 1
+            if result == "success":
+                self._buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+                self._sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            results, counts, total = dict(self._results), list(self._buckets), self._sum
+        reconciles = CounterMetricFamily("agentctl_reconcile", "Reconciles of one agent, by result.",
+                                         labels=["result"])
+        for result, value in sorted(results.items()):
+            reconciles.add_metric([result], value)
+        yield reconciles
+        cumulative, buckets = 0, []
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily("agentctl_reconcile_duration_seconds",
+                                    "Time a successful reconcile of one agent took.", buckets=buckets, sum_value=total)
+        yield GaugeMetricFamily("agentctl_workqueue_depth", "Agents waiting to be reconciled or being reconciled.",
+                                value=self.queue_depth())
+        build = GaugeMetricFamily("agentctl_build_info", "Version of this controller, always 1.", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
+
+
+class Metrics:
+    """The controller's own registry (never the global default one)."""
+
+    def __init__(self, snapshot: Callable[[], SnapshotView], queue_depth: Callable[[], float], *,
+                 usage: Usage | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.loop = LoopCollector(queue_depth)
+        self.registry.register(AgentCollector(snapshot, usage or Usage()))
+        self.registry.register(self.loop)
+
+    def observe(self, result: str, seconds: float) -> None:
+        self.loop.observe(result, seconds)

@@ -39,7 +39,8 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
             controller.store.close()
         return 2
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
-    log.info("agentctl %s watching %s, state in %s, HTTP on http://%s:%d", _version(), settings.manifests,
+    source = settings.git.url if settings.git else settings.manifests
+    log.info("agentctl %s watching %s, state in %s, HTTP on http://%s:%d", _version(), source,
              settings.state_dir, bound_host, bound_port)
     status.atomic_write(settings.state_dir / "controller.json", json.dumps(
         {"pid": os.getpid(), "metricsAddr": f"{bound_host}:{bound_port}", "startedAt": time.time()}) + "\n")
