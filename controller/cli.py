@@ -250,6 +250,13 @@ def controller_running(state_dir: Path) -> bool:
 def _check_dirs(settings: Settings) -> None:
     if settings.git is None and not settings.manifests.is_dir():
         raise UsageError(f"--manifests {settings.manifests}: not a directory")
+    if settings.git is None and not settings.allow_insecure_manifests:
+        from controller.loader import insecure_paths
+
+        bad = insecure_paths(settings.manifests)
+        if bad:
+            raise UsageError(f"--manifests {settings.manifests}: {bad[0]} is writable by other users, who could "
+                             "make this controller run anything; chmod o-w it, or pass --allow-insecure-manifests")
     try:
         settings.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(settings.state_dir, 0o700)

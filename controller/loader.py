@@ -78,6 +78,20 @@ def inside(base: Path, target: str) -> Path | None:
 DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 
+def insecure_paths(root: Path) -> list[Path]:
+    """Directories (and the root) below root that any user may write: anyone could add an agent."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        path = Path(dirpath)
+        try:
+            if path.stat().st_mode & 0o002:  # sticky does not help: others can still add files
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
 def parse_dotenv(text: str) -> tuple[dict[str, str], list[tuple[int, str]]]:
     """KEY=VALUE lines, # comments, optional `export `, surrounding quotes removed."""
     values: dict[str, str] = {}
@@ -172,11 +186,13 @@ class _FileEntry:
 class ManifestSource:
     """Manifest roots (directories or files), re-read incrementally: unchanged files are not parsed again."""
 
-    def __init__(self, *roots: Path | str, base_dir: Path, providers: frozenset[str]) -> None:
+    def __init__(self, *roots: Path | str, base_dir: Path, providers: frozenset[str],
+                 allow_insecure: bool = True) -> None:
         # each root keeps the spelling it was given: errors name files "as given or found under the given path"
         self.roots: list[tuple[Path, str]] = [(Path(r), str(r)) for r in roots]
         self.base_dir = base_dir
         self.providers = providers
+        self.allow_insecure = allow_insecure
         self._files: dict[Path, _FileEntry] = {}
 
     @property
@@ -200,6 +216,9 @@ class ManifestSource:
         if cached is not None and cached.key == key:
             return cached
         text, error = read_manifest_text(path, display)
+        if not self.allow_insecure and error is None and st.st_mode & 0o002:
+            text, error = None, ManifestError(display, 1, "refused: the file is writable by other users "
+                                              "(chmod o-w it, or run with --allow-insecure-manifests)")
         if error is not None or text is None:
             entry = _FileEntry(key, [], [error] if error else [])
         else:

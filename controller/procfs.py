@@ -133,3 +133,68 @@ def read_environ(pid: int) -> dict[str, str]:
         if sep:
             env[key.decode(errors="replace")] = value.decode(errors="replace")
     return env
+
+
+@dataclass(frozen=True)
+class Marked:
+    """A live process that carries a controller's marker env."""
+
+    pid: int
+    stat: Stat
+    instance: str
+    agent: str
+    spec_hash: str
+
+
+def marked_processes(controller_id: str) -> list[Marked]:
+    """Every live process started (directly or not) by instances of this controller."""
+    needle = f"AGENTCTL_CONTROLLER_ID={controller_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        if needle not in raw:
+            continue
+        env = dict(item.partition(b"=")[::2] for item in raw.split(b"\0") if b"=" in item)
+        if env.get(b"AGENTCTL_CONTROLLER_ID") != controller_id.encode():
+            continue
+        stat = read_stat(int(name))
+        if stat is None or stat.state in ("Z", "X"):
+            continue
+        found.append(Marked(int(name), stat, env.get(b"AGENTCTL_INSTANCE", b"").decode(errors="replace"),
+                            env.get(b"AGENTCTL_AGENT", b"").decode(errors="replace"),
+                            env.get(b"AGENTCTL_SPEC_HASH", b"").decode(errors="replace")))
+    return found
+
+
+def cmdline(pid: int) -> tuple[str, ...] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            raw = fh.read()
+    except OSError:
+        return None
+    return tuple(part.decode(errors="surrogateescape") for part in raw.split(b"\0")[:-1])
+
+
+def descends_from(pid: int, ancestor: int, max_depth: int = 64) -> bool:
+    for _ in range(max_depth):
+        stat = read_stat(pid)
+        if stat is None or stat.ppid <= 1:
+            return False
+        if stat.ppid == ancestor:
+            return True
+        pid = stat.ppid
+    return False
+
+
+def parent_is_tmux(stat: Stat) -> bool:
+    try:
+        with open(f"/proc/{stat.ppid}/comm", encoding="utf-8", errors="replace") as fh:
+            return fh.read().startswith("tmux")
+    except OSError:
+        return False

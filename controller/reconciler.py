@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal as signals
+import sqlite3
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,7 @@ class Snapshot:
     last_exit_codes: dict[str, int] = field(default_factory=dict)
     manifest_valid: dict[str, bool] = field(default_factory=dict)
     ready: bool = False
+    state_error: str | None = None  # store or status writes failing right now
 
 
 def clock() -> Clock:
@@ -94,7 +96,8 @@ class Controller:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.presets: dict[str, Preset] = merge_presets(settings.providers)
-        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=frozenset(self.presets))
+        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=frozenset(self.presets),
+                                     allow_insecure=settings.allow_insecure_manifests)
         self.git: GitSource | None = None
         if settings.git is not None:
             g = settings.git
@@ -113,6 +116,9 @@ class Controller:
         self.pidfds: dict[str, int] = {}
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
         self.action_failures = 0
+        self.write_errors = 0  # store and status writes that failed (disk full, read-only...)
+        self.state_error: str | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self.actions_in_pass = 0
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
         self.ready = False
@@ -134,7 +140,10 @@ class Controller:
         for sub in ("logs", "status", "requests"):
             (self.state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         self.store = Store(self.state_dir / "state.db")
-        self.controller_id = self.store.meta("controller_id") or os.urandom(4).hex()
+        if self.store.recovered_from:
+            log.error("state store was unusable and was moved aside to %s; rebuilding from live processes",
+                      self.store.recovered_from)
+        self.controller_id = self._controller_id()
         self.store.set_meta("controller_id", self.controller_id)
         self.supervisors = build(Context(self.state_dir, self.controller_id))
         self.status = StatusWriter(self.settings.status_dir)
@@ -146,6 +155,21 @@ class Controller:
         for rec in self.instances.values():
             if rec.agent not in self.agents:
                 self.agents[rec.agent] = AgentState(rec.agent, "", time.time(), present=False)
+
+    def _controller_id(self) -> str:
+        """Stable per state dir, kept beside the store too: it marks our processes if the store is lost."""
+        assert self.store is not None
+        id_file = self.state_dir / "controller.id"
+        try:
+            from_file = id_file.read_text().strip()
+        except OSError:
+            from_file = ""
+        cid = self.store.meta("controller_id") or from_file or os.urandom(4).hex()
+        if from_file != cid:
+            from controller.status import atomic_write
+
+            atomic_write(id_file, cid + "\n")
+        return cid
 
     def open_readonly(self) -> None:
         """For `plan`: the same state, read without writing anything."""
@@ -212,7 +236,7 @@ class Controller:
             if name not in declared and agent.present:
                 agent.present = False
                 log.info("%s manifest removed -> stopping", name)
-                self._event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
+                self.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.mark(name)
         self.manifest_valid = self._validity(result)
 
@@ -226,7 +250,7 @@ class Controller:
         agent = self.agents.get(name)
         if agent is None:
             agent = self.agents[name] = AgentState(name, loaded.source, time.time())
-            self._event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
+            self.event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
         desired = self._desire(loaded)
         placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
         revision = self.git.revision if self.git is not None else None
@@ -248,7 +272,7 @@ class Controller:
             agent = self.agents[name] = AgentState(name, messages[0].split(":", 1)[0], time.time())
         if agent.valid or agent.errors != messages or not agent.present:
             log.warning("%s invalid manifest, keeping the last valid spec: %s", name, messages[0])
-            self._event(name, None, "InvalidManifest", "InvalidManifest", messages[0])
+            self.event(name, None, "InvalidManifest", "InvalidManifest", messages[0])
         agent.valid, agent.errors, agent.present = False, messages, True
         self.mark(name)
 
@@ -374,10 +398,10 @@ class Controller:
         self.store.drop_counters(name)
         self.last_exit_codes.pop(name, None)
         log.info("%s removed (no process of it is left)", name)
-        self._event(name, None, "Removed", "ManifestDeleted", f"status of {agent.source} removed")
+        self.event(name, None, "Removed", "ManifestDeleted", f"status of {agent.source} removed")
 
     # -- execute ------------------------------------------------------------
-    async def _call(self, sup: Supervisor, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, sup: Supervisor, fn: Callable[..., T], *args: Any) -> T:
         if sup.blocking:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
@@ -397,10 +421,22 @@ class Controller:
         elif isinstance(action, Forget):
             self._forget(action.instance)
 
-    def _put(self, rec: InstanceRecord) -> None:
+    def put(self, rec: InstanceRecord) -> None:
+        """Memory is authoritative; a failed store write is reported and redone with the next change."""
         assert self.store is not None
         self.instances[rec.id] = rec
-        self.store.put_instance(rec)
+        try:
+            self.store.put_instance(rec)
+        except sqlite3.Error as exc:
+            self._write_failed(f"state store write for {rec.id} failed: {exc}")
+        else:
+            self.state_error = None
+
+    def _write_failed(self, message: str) -> None:
+        self.write_errors += 1
+        if self.state_error != message:
+            log.error("%s", message)
+        self.state_error = message
 
     def log_path(self, instance_id: str) -> Path:
         return self.settings.log_dir / f"{instance_id}.log"
@@ -424,22 +460,30 @@ class Controller:
             self._count_restart(agent.name, reason)
         spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id),))
         try:
-            handle = await self._call(sup, sup.start, spec, self.log_path(spec.id))
+            self._check_cwd(spec.cwd)
+            handle = await self.call(sup, sup.start, spec, self.log_path(spec.id))
         except SupervisorError as exc:
             self.action_failures += 1
             log.error("%s start failed: %s", spec.id, exc)
-            self._event(agent.name, spec.id, "FailedStart", "Error", str(exc))
+            self.event(agent.name, spec.id, "FailedStart", "Error", str(exc))
             failed = ExitInfo(127, None, now_wall, 0.0, ExitReason.ERROR, (), str(exc))
-            self._put(replace(base, state=RunState.EXITED, last_exit=failed))
+            self.put(replace(base, state=RunState.EXITED, last_exit=failed))
             self.mark(agent.name)
             return
-        self._put(replace(base, handle=handle))
-        self._watch(spec.id, handle)
+        self.put(replace(base, handle=handle))
+        self.watch(spec.id, handle)
         for hook in self.on_start:
             hook()
         verb = "Restarted" if prev is not None else "Started"
         log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb)
-        self._event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
+        self.event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
+
+    def _check_cwd(self, cwd: str) -> None:
+        """Checked again at spawn time: a symlink swapped after validation must not lead outside."""
+        real = os.path.realpath(cwd)
+        base = str(self.settings.base_dir.resolve())
+        if real != cwd or not (real == base or real.startswith(base.rstrip("/") + "/")):
+            raise SupervisorError(f"cwd {cwd} now resolves to {real}, outside the base dir {base}", retryable=False)
 
     def _count_restart(self, agent: str, reason: str) -> None:
         assert self.store is not None
@@ -451,14 +495,14 @@ class Controller:
         rec = self.instances[action.instance]
         sup = self.supervisors.get(rec.supervisor)
         if rec.handle is None or sup is None:
-            self._put(replace(rec, state=RunState.EXITED, handle=None))
+            self.put(replace(rec, state=RunState.EXITED, handle=None))
             return
         deadline = time.monotonic() + action.grace
-        self._put(replace(rec, state=RunState.STOPPING, stop_reason=str(action.reason), stop_deadline=deadline))
+        self.put(replace(rec, state=RunState.STOPPING, stop_reason=str(action.reason), stop_deadline=deadline))
         log.info("%s Running -> Stopping (%s, %s, grace %gs)", rec.id, action.reason,
                  signals.Signals(action.signal).name, action.grace)
-        self._event(rec.agent, rec.id, "Stopping", action.reason, f"signal {signals.Signals(action.signal).name}")
-        await self._call(sup, sup.signal, rec.handle, action.signal)
+        self.event(rec.agent, rec.id, "Stopping", action.reason, f"signal {signals.Signals(action.signal).name}")
+        await self.call(sup, sup.signal, rec.handle, action.signal)
         if action.grace <= 0:
             await self._kill(rec.id)
 
@@ -468,28 +512,28 @@ class Controller:
         if rec.handle is None or sup is None:
             return
         log.warning("%s grace period over -> SIGKILL to the group", rec.id)
-        self._event(rec.agent, rec.id, "Killed", rec.stop_reason or "", "grace period over: SIGKILL")
-        self._put(replace(rec, killed=True))
-        await self._call(sup, sup.signal, rec.handle, signals.SIGKILL)
+        self.event(rec.agent, rec.id, "Killed", rec.stop_reason or "", "grace period over: SIGKILL")
+        self.put(replace(rec, killed=True))
+        await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
         # an adopted leader that ignored nothing but is not our child: no pidfd event may come
-        if not await self._call(sup, sup.alive, rec.handle):
-            await self._finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
+        if not await self.call(sup, sup.alive, rec.handle):
+            await self.finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
 
     def _schedule(self, action: Schedule) -> None:
         rec = self.instances[action.instance]
-        self._put(replace(rec, next_start=action.at, failures_in_row=action.attempt))
+        self.put(replace(rec, next_start=action.at, failures_in_row=action.attempt))
         if action.delay > 0:
             code = rec.last_exit.exit_code if rec.last_exit else None
             log.info("%s Exited(%s) -> BackOff %gs", rec.id, code, action.delay)
-            self._event(rec.agent, rec.id, "BackOff", rec.last_exit.reason if rec.last_exit else "",
+            self.event(rec.agent, rec.id, "BackOff", rec.last_exit.reason if rec.last_exit else "",
                         f"restart {action.attempt} in a row, in {action.delay:g}s")
 
     def _finish(self, action: Finish) -> None:
         rec = self.instances[action.instance]
-        self._put(replace(rec, terminal=str(action.phase), terminal_reason=str(action.reason),
+        self.put(replace(rec, terminal=str(action.phase), terminal_reason=str(action.reason),
                           terminal_message=action.message))
         log.info("%s Exited -> %s %s", rec.id, action.reason, action.message)
-        self._event(rec.agent, rec.id, action.reason, action.reason, action.message or "no restart (restartPolicy)")
+        self.event(rec.agent, rec.id, action.reason, action.reason, action.message or "no restart (restartPolicy)")
 
     def _forget(self, instance_id: str) -> None:
         assert self.store is not None
@@ -497,10 +541,10 @@ class Controller:
         self.store.delete_instance(instance_id)
         if rec is not None:
             reason = rec.last_exit.reason if rec.last_exit else ""
-            self._event(rec.agent, instance_id, "Stopped", reason, "instance removed")
+            self.event(rec.agent, instance_id, "Stopped", reason, "instance removed")
 
     # -- exits --------------------------------------------------------------
-    def _watch(self, instance_id: str, handle: Handle) -> None:
+    def watch(self, instance_id: str, handle: Handle) -> None:
         loop = asyncio.get_running_loop()
         try:
             fd = os.pidfd_open(handle.pid)
@@ -531,55 +575,69 @@ class Controller:
             if rec is None or rec.handle is None or rec.state == RunState.EXITED:
                 return
             sup = self.supervisors[rec.supervisor]
-            status = await self._call(sup, sup.exit_status, rec.handle)
-            if await self._call(sup, sup.alive, rec.handle):
+            status = await self.call(sup, sup.exit_status, rec.handle)
+            if await self.call(sup, sup.alive, rec.handle):
                 # the leader is gone, so the instance is over; what is left of its group dies with it
                 self.remnants[instance_id] = status
-                await self._call(sup, sup.signal, rec.handle, signals.SIGKILL)
+                await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
                 self.mark(rec.agent)
                 return
-            await self._finish_exit(instance_id, status)
+            await self.finish_exit(instance_id, status)
 
     async def _check_remnants(self, name: str) -> None:
         for rec in [r for r in self.instances.values() if r.agent == name and r.state != RunState.EXITED]:
             if rec.handle is not None and rec.id not in self.pidfds and rec.id not in self.remnants:
-                self._watch(rec.id, rec.handle)  # drift: an exit we did not hear of is heard now
+                self.watch(rec.id, rec.handle)  # drift: an exit we did not hear of is heard now
         for iid in [i for i in self.remnants if self.instances.get(i) and self.instances[i].agent == name]:
             rec = self.instances[iid]
             sup = self.supervisors[rec.supervisor]
-            if rec.handle is not None and await self._call(sup, sup.alive, rec.handle):
-                await self._call(sup, sup.signal, rec.handle, signals.SIGKILL)
+            if rec.handle is not None and await self.call(sup, sup.alive, rec.handle):
+                await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
                 continue
-            await self._finish_exit(iid, self.remnants.pop(iid))
+            await self.finish_exit(iid, self.remnants.pop(iid))
         for rec in [r for r in self.instances.values() if r.agent == name and r.killed and r.handle]:
             sup = self.supervisors[rec.supervisor]
-            if rec.handle and not await self._call(sup, sup.alive, rec.handle):
-                await self._finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
+            if rec.handle and not await self.call(sup, sup.alive, rec.handle):
+                await self.finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
 
-    async def _finish_exit(self, instance_id: str, status: ExitStatus) -> None:
+    async def finish_exit(self, instance_id: str, status: ExitStatus) -> None:
         """Every process of the instance is gone: record the exit (CONTRACT §4 lastExit)."""
         rec = self.instances[instance_id]
         self._unwatch(instance_id)
         self.remnants.pop(instance_id, None)
         sup = self.supervisors.get(rec.supervisor)
         if sup is not None and rec.handle is not None:
-            await self._call(sup, sup.cleanup, rec.handle)
+            await self.call(sup, sup.cleanup, rec.handle)
         now = time.time()
         reason = str(self._exit_reason(rec, status))
         tail = tuple(logfiles.tail_lines(self.log_path(instance_id), LOG_TAIL_LINES))
         info = ExitInfo(status.code, status.signal, now, max(0.0, now - rec.started_at), reason, tail,
                         rec.health_message if rec.stop_reason == rec.health else "")
-        self._put(replace(rec, state=RunState.EXITED, handle=None, last_exit=info, stop_reason=None,
+        self.put(replace(rec, state=RunState.EXITED, handle=None, last_exit=info, stop_reason=None,
                           stop_deadline=None, killed=False, next_start=None, health=None, health_message=""))
         if status.code is not None:
             self.last_exit_codes[rec.agent] = status.code
         what = f"Exited({status.code})" if status.code is not None else (
             f"Signaled({signals.Signals(status.signal).name})" if status.signal else "Exited(unknown)")
         log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, reason)
-        self._event(rec.agent, instance_id, "Exited", reason, f"{what} after {info.runtime_seconds:.1f}s")
+        self.event(rec.agent, instance_id, "Exited", reason, f"{what} after {info.runtime_seconds:.1f}s")
         self.mark(rec.agent)
+        self._request_sweep()
         if self.settings.max_agents is not None:
             self._mark_pending()
+
+    def _request_sweep(self) -> None:
+        """Soon after an exit, kill what escaped the instance's process group (at most once a second)."""
+        if self._sweep_handle is not None or self.stopping:
+            return
+
+        def run() -> None:
+            from controller.recovery import sweep_orphans
+
+            self._sweep_handle = None
+            sweep_orphans(self)
+
+        self._sweep_handle = asyncio.get_running_loop().call_later(1.0, run)
 
     @staticmethod
     def _exit_reason(rec: InstanceRecord, status: ExitStatus) -> str:
@@ -590,26 +648,6 @@ class Controller:
         if status.signal is not None:
             return ExitReason.SIGNALED
         return ExitReason.COMPLETED if status.code == 0 else ExitReason.ERROR
-
-    # -- adoption -----------------------------------------------------------
-    async def adopt_all(self) -> None:
-        """After a restart: re-attach live instances (same pid and start time), record the rest as Lost."""
-        for rec in list(self.instances.values()):
-            if rec.state == RunState.EXITED or rec.handle is None:
-                continue
-            sup = self.supervisors.get(rec.supervisor)
-            if sup is None:
-                continue
-            if await self._call(sup, sup.adopt, rec.handle):
-                log.info("%s adopted pid %d", rec.id, rec.handle.pid)
-                self._event(rec.agent, rec.id, "Adopted", "ControllerRestart", f"pid {rec.handle.pid}")
-                self._watch(rec.id, rec.handle)
-                continue
-            if await self._call(sup, sup.alive, rec.handle):
-                await self._call(sup, sup.signal, rec.handle, signals.SIGKILL)
-                self.remnants[rec.id] = ExitStatus(None, None)
-                continue
-            await self._finish_exit(rec.id, ExitStatus(None, None))
 
     # -- health -------------------------------------------------------------
     def request_stop(self, instance_id: str, reason: str, message: str) -> None:
@@ -624,9 +662,9 @@ class Controller:
                           failures_in_row=0, restart_times=())
         elif reason == ExitReason.MANUAL_RESTART:
             rec = replace(rec, failures_in_row=0, restart_times=())
-        self._put(replace(rec, health=str(reason), health_message=message))
+        self.put(replace(rec, health=str(reason), health_message=message))
         log.warning("%s %s: %s", instance_id, reason, message)
-        self._event(rec.agent, instance_id, reason, reason, message)
+        self.event(rec.agent, instance_id, reason, reason, message)
         self.mark(rec.agent)
 
     def manual_restart(self, name: str) -> bool:
@@ -688,12 +726,13 @@ class Controller:
             last_exit_codes=dict(self.last_exit_codes),
             manifest_valid=dict(self.manifest_valid),
             ready=self.ready,
+            state_error=self.state_error or self.status.last_error,
         )
         for hook in self.on_publish:
             hook()
 
     # -- events -------------------------------------------------------------
-    def _event(self, agent: str, instance: str | None, kind: str, reason: str, message: str) -> None:
+    def event(self, agent: str, instance: str | None, kind: str, reason: str, message: str) -> None:
         if self.store is None or self.store.readonly:
             return
         try:
@@ -719,8 +758,11 @@ class Controller:
 
     async def _loop(self, stop_event: asyncio.Event) -> int:
         assert self._wake is not None
-        await self.adopt_all()
+        from controller.recovery import adopt_all, recover_unrecorded
+
+        await adopt_all(self)
         self.sync_manifests()
+        recover_unrecorded(self)
         self.manifests_changed = False
         self.dirty |= set(self.agents)
         first_pass = True
@@ -767,6 +809,9 @@ class Controller:
         """Leave agents running (they are adopted next time) unless asked to stop them."""
         if stop_agents:
             await self.stop_all()
+        self.stopping = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
         for iid in list(self.pidfds):
             self._unwatch(iid)
         if self.store is not None:
@@ -788,6 +833,9 @@ class Controller:
 
     def resync(self) -> None:
         """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by hand)."""
+        from controller.recovery import sweep_orphans
+
+        sweep_orphans(self)
         self.manifests_changed = True
         for name in self.agents:
             self.dirty.add(name)
