@@ -617,6 +617,8 @@ class Controller:
                           stop_deadline=None, killed=False, next_start=None, health=None, health_message=""))
         if status.code is not None:
             self.last_exit_codes[rec.agent] = status.code
+        elif status.signal is not None:
+            self.last_exit_codes[rec.agent] = 128 + status.signal  # as a shell reports it
         what = f"Exited({status.code})" if status.code is not None else (
             f"Signaled({signals.Signals(status.signal).name})" if status.signal else "Exited(unknown)")
         log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, reason)
