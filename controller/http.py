@@ -51,6 +51,10 @@ def route(path: str, snap: SnapshotView, metrics: Metrics) -> Response:
     if path == "/healthz":
         return 200, b"ok\n", "text/plain; charset=utf-8"
     if path == "/readyz":
+        failing = getattr(snap, "state_error", None)
+        if snap.ready and failing:
+            # still supervising, but status and state on disk are going stale: say so
+            return 503, f"state writes failing: {failing}\n".encode(), "text/plain; charset=utf-8"
         if snap.ready:
             return 200, b"ready\n", "text/plain; charset=utf-8"
         return 503, b"first reconcile pass not done\n", "text/plain; charset=utf-8"

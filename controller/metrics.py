@@ -123,6 +123,7 @@ class AgentCollector(Collector):
         yield self._start_times(snap, names)
         yield from self._usage(snap, names)
         yield self._manifests(snap)
+        yield from self._controller(snap)
 
     @staticmethod
     def _status_families(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
@@ -200,6 +201,23 @@ class AgentCollector(Collector):
         for source, ok in sorted(snap.manifest_valid.items()):
             family.add_metric([source], 1 if ok else 0)
         return family
+
+
+    @staticmethod
+    def _controller(snap: SnapshotView) -> Iterator[Metric]:
+        """The Git source (when there is one) and failed state writes."""
+        source = getattr(snap, "source", None)
+        if source is not None:
+            url, revision, last_sync = source
+            info = GaugeMetricFamily("agentctl_source_info", "The Git source and the revision applied (1).",
+                                     labels=["url", "revision"])
+            info.add_metric([url, revision or ""], 1)
+            yield info
+            if last_sync is not None:
+                yield GaugeMetricFamily("agentctl_source_last_sync_timestamp_seconds",
+                                        "When the last successful fetch of the Git source finished.", value=last_sync)
+        yield CounterMetricFamily("agentctl_state_write_errors", "Store and status file writes that failed.",
+                                  value=getattr(snap, "write_errors", 0))
 
 
 class LoopCollector(Collector):

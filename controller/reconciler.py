@@ -85,6 +85,8 @@ class Snapshot:
     manifest_valid: dict[str, bool] = field(default_factory=dict)
     ready: bool = False
     state_error: str | None = None  # store or status writes failing right now
+    write_errors: int = 0
+    source: tuple[str, str | None, float | None] | None = None  # Git: (url, revision, last sync)
 
 
 def clock() -> Clock:
@@ -729,6 +731,8 @@ class Controller:
             manifest_valid=dict(self.manifest_valid),
             ready=self.ready,
             state_error=self.state_error or self.status.last_error,
+            write_errors=self.write_errors + self.status.failures,
+            source=(self.git.url, self.git.revision, self.git.last_sync) if self.git is not None else None,
         )
         for hook in self.on_publish:
             hook()
