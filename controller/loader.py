@@ -104,8 +104,9 @@ def parse_dotenv(text: str) -> tuple[dict[str, str], list[tuple[int, str]]]:
             errors.append((number, "not a KEY=VALUE line"))
             continue
         value = match.group(2)
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        quoted = re.match(r"""^(['"])(.*)\1(?:\s+#.*)?$""", value)
+        if quoted:
+            value = quoted.group(2)
         elif " #" in value:
             value = value.split(" #", 1)[0].rstrip()
         if "\0" in value:

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 # CSI and OSC sequences, other two-byte escapes, and stray control characters except \t and \n
-ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|[\x00-\x08\x0b-\x1f\x7f]")
+ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[ -/]*[0-~]|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def strip_escapes(text: str) -> str:

@@ -232,7 +232,35 @@ class _TooBig(Exception):
         self.line = node.start_mark.line + 1
 
 
+def _too_big(text: str) -> tuple[int, str] | None:
+    """(line, why) of the first collection nested deeper than MAX_DEPTH, or of the event past
+    MAX_NODES in one document, from parser events alone: the composer recurses once per level
+    (overflowing the C stack long before _walk could object) and builds everything it reads."""
+    depth = events = 0
+    for event in yaml.parse(text, Loader=_loader_class()):
+        events += 1
+        line = event.start_mark.line + 1 if event.start_mark else 1
+        if isinstance(event, yaml.DocumentStartEvent):
+            events = 0
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return line, f"document nests deeper than {MAX_DEPTH} levels"
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if events > MAX_NODES:
+            return line, f"document has more than {MAX_NODES} nodes"
+    return None
+
+
 def _raw_documents(text: str, file: str) -> Iterator[tuple[Any, int, dict[tuple[str | int, ...], int]] | ManifestError]:
+    try:
+        too_big = _too_big(text)
+    except yaml.YAMLError:
+        too_big = None  # reported with its line by the pass below
+    if too_big is not None:
+        yield ManifestError(file, *too_big)
+        return
     loader = _loader_class()(text)
     try:
         count = 0

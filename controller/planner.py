@@ -31,6 +31,10 @@ from controller.model import (
 )
 
 
+_OUR_OWN_STOPS = frozenset({ExitReason.SUSPENDED, ExitReason.SCALED_DOWN, ExitReason.MANIFEST_DELETED,
+                            ExitReason.NOT_PLACED})
+
+
 @dataclass(frozen=True)
 class AgentView:
     """One agent as the planner sees it."""
@@ -122,12 +126,18 @@ def _plan_slot(b: _Builder, view: AgentView, desired: DesiredAgent, inst: Instan
         # (none) -> STARTING
         _start(b, view, inst, "Created", counted=False)
     elif rec.state == RunState.RUNNING:
-        if rec.spec_hash != inst.spec_hash:
+        if rec.spec_hash != inst.spec_hash and view.unavailable is not None:
+            # RUNNING stays: the new spec's supervisor cannot run here, so keep the old one (like an invalid edit)
+            b.actions.append(Wait(rec.id, "SupervisorUnavailable"))
+            b.pending_reason = "SupervisorUnavailable"
+        elif rec.spec_hash != inst.spec_hash:
             # RUNNING -> STOPPING: the process runs an old spec
             b.actions.append(Stop(rec.id, ExitReason.SPEC_CHANGED, desired.stop_signal, spec.stop.grace_period_seconds))
+            b.at(b.now + spec.stop.grace_period_seconds)
         elif rec.health is not None:
             # RUNNING -> STOPPING: liveness, memory limit or a person asked for it
             b.actions.append(Stop(rec.id, rec.health, desired.stop_signal, spec.stop.grace_period_seconds))
+            b.at(b.now + spec.stop.grace_period_seconds)
         else:
             b.actions.append(Wait(rec.id, "UpToDate"))
     elif rec.state == RunState.STOPPING:
@@ -149,6 +159,9 @@ def _plan_exited(b: _Builder, view: AgentView, desired: DesiredAgent, inst: Inst
     elif last is not None and last.reason in RESTART_NOW_REASONS:
         # STOPPED for a restart -> STARTING, no backoff
         _start(b, view, inst, last.reason, counted=last.reason == ExitReason.MANUAL_RESTART)
+    elif last is not None and last.reason in _OUR_OWN_STOPS:
+        # STOPPED on purpose (suspend, scale down, delete, placement), wanted again -> STARTING
+        _start(b, view, inst, "Created", counted=False)
     elif rec.terminal is not None:
         b.actions.append(Wait(rec.id, rec.terminal))
     elif rec.next_start is not None:
@@ -236,7 +249,8 @@ def agent_phase(view: AgentView, *, ever_valid: bool = True, pending_reason: str
         return PhaseView(Phase.FAILED, ready, want, reason, next((r.terminal_message for r in failed if r.terminal_message), ""))
     if all(s == "completed" for s in slots):
         return PhaseView(Phase.COMPLETED, ready, want, "Completed")
-    if ready == want:
+    if ready == want or (ready and all(s in ("ready", "completed") for s in slots)):
+        # OnFailure: a replica that completed is done, the others running is all there is to run
         return PhaseView(Phase.RUNNING, ready, want, "Running")
     if view.unavailable is not None:
         return PhaseView(Phase.PENDING, ready, want, "SupervisorUnavailable", view.unavailable)

@@ -66,7 +66,7 @@ def render_args(template: tuple[str, ...], values: dict[str, str]) -> list[str]:
     for arg in template:
         names = PLACEHOLDER.findall(arg)
         if names and not all(values[n] for n in names):
-            if out and out[-1].startswith("-") and not PLACEHOLDER.search(out[-1]):
+            if out and out[-1].startswith("-") and not arg.startswith("-") and not PLACEHOLDER.search(out[-1]):
                 out.pop()
             continue
         out.append(PLACEHOLDER.sub(lambda m: values[m.group(1)], arg))
