@@ -138,7 +138,7 @@ def _pick(*values: Any) -> Any:
 
 
 def _git(args: argparse.Namespace, cfg: ConfigFile) -> GitSource | None:
-    cfg_git = cfg.manifests if isinstance(cfg.manifests, GitSource) else None
+    cfg_git = cfg.git_source()
     url = _pick(getattr(args, "git_url", None), cfg.git_url, cfg_git.url if cfg_git else None)
     if url is None:
         return None

@@ -42,8 +42,9 @@ def _git(*args: str, cwd: Path | None = None, timeout: float = GIT_TIMEOUT) -> b
     except subprocess.TimeoutExpired as exc:
         raise GitError(f"git {args[0]} timed out after {timeout:g}s") from exc
     if done.returncode != 0:
-        message = done.stderr.decode(errors="replace").strip().splitlines()
-        raise GitError(f"git {args[0]} failed: {message[-1] if message else f'exit {done.returncode}'}")
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        cause = next((ln for ln in lines if ln.startswith(("fatal:", "error:"))), lines[-1] if lines else "")
+        raise GitError(f"git {args[0]} failed: {cause or f'exit {done.returncode}'}")
     return done.stdout
 
 
@@ -83,6 +84,9 @@ class GitSource:
             sha = self._fetch()
             if sha != before:
                 self._export(sha)
+                if self.path and not (self.dir / f"rev-{sha}" / self.path).is_dir():
+                    # as Flux does: a revision without the folder is an error, not "delete everything"
+                    raise GitError(f"path {self.path!r} not found in revision {sha}")
                 self._swap(sha)
                 self._prune(keep={sha, before})
         except GitError as exc:

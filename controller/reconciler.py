@@ -203,6 +203,7 @@ class Controller:
             return state
         if loaded is not None:
             state.desired = self._desire(loaded)
+            state.placed = placed_here(manifest, self.settings.host_name, self.settings.host_labels)
         return state
 
     def _desire(self, loaded: Loaded) -> DesiredAgent:
@@ -685,8 +686,8 @@ class Controller:
 
     def _publish_status(self, agent: AgentState) -> None:
         assert self.status is not None
-        if not agent.placed and agent.present:
-            self.status.remove(agent.name)
+        if not agent.placed and agent.present and not self._instances_of(agent.name):
+            self.status.remove(agent.name)  # moved elsewhere and nothing of it is left here
             return
         view = self._view(agent)
         phase = agent_phase(view, ever_valid=agent.desired is not None, pending_reason=agent.pending_reason)
@@ -720,7 +721,8 @@ class Controller:
         assert self.status is not None
         handles = {r.id: (r.agent, r.handle) for r in self.instances.values()
                    if r.handle is not None and r.state != RunState.EXITED}
-        placed = {n for n, a in self.agents.items() if a.placed or not a.present}
+        live = {r.agent for r in self.instances.values()}
+        placed = {n for n, a in self.agents.items() if a.placed or not a.present or n in live}
         self.snapshot = Snapshot(
             statuses={n: d for n, d in self.status.docs.items() if n in self.agents and n in placed},
             handles=handles,

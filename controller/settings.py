@@ -30,11 +30,18 @@ class ProviderConfig(BaseModel):
     env: dict[str, str] | None = None
 
 
+class GitWrapper(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    git: GitSource
+
+
 class ConfigFile(BaseModel):
     """The YAML of `agentctl run --config FILE` (CONTRACT §2)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
-    manifests: str | GitSource | None = None
+    # a directory, or a Git source written as `manifests: {git: {...}}`, `manifests: {url: ...}` or `git: {...}`
+    manifests: str | GitWrapper | GitSource | None = None
+    git: GitSource | None = None
     state_dir: str | None = Field(None, alias="stateDir")
     base_dir: str | None = Field(None, alias="baseDir")
     metrics_addr: str | None = Field(None, alias="metricsAddr")
@@ -51,6 +58,13 @@ class ConfigFile(BaseModel):
     git_interval: float | None = Field(None, gt=0, alias="gitInterval")
     env: dict[str, str] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+
+    def git_source(self) -> GitSource | None:
+        if isinstance(self.manifests, GitWrapper):
+            return self.manifests.git
+        if isinstance(self.manifests, GitSource):
+            return self.manifests
+        return self.git
 
     def env_errors(self) -> list[str]:
         import re
