@@ -54,8 +54,15 @@ CONTRACT_METRICS = frozenset(
     }
 )
 HISTOGRAMS = frozenset({"agentctl_reconcile_duration_seconds"})
+# Exposed beyond §5, as listed in docs/CONTRACT.md ("Where this implementation adds").
+EXTRA_METRICS = frozenset({
+    "agentctl_source_info",
+    "agentctl_source_last_sync_timestamp_seconds",
+    "agentctl_state_write_errors_total",
+})
 ALLOWED_NAMES = (
     CONTRACT_METRICS
+    | EXTRA_METRICS
     | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | {"up"}
 )
