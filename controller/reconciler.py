@@ -520,7 +520,7 @@ class Controller:
         await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
         # an adopted leader that ignored nothing but is not our child: no pidfd event may come
         if not await self.call(sup, sup.alive, rec.handle):
-            await self.finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
+            await self.finish_exit(rec.id, ExitStatus(None, int(signals.SIGKILL)))
 
     def _schedule(self, action: Schedule) -> None:
         rec = self.instances[action.instance]
@@ -601,11 +601,13 @@ class Controller:
         for rec in [r for r in self.instances.values() if r.agent == name and r.killed and r.handle]:
             sup = self.supervisors[rec.supervisor]
             if rec.handle and not await self.call(sup, sup.alive, rec.handle):
-                await self.finish_exit(rec.id, ExitStatus(None, signals.SIGKILL))
+                await self.finish_exit(rec.id, ExitStatus(None, int(signals.SIGKILL)))
 
     async def finish_exit(self, instance_id: str, status: ExitStatus) -> None:
         """Every process of the instance is gone: record the exit (CONTRACT §4 lastExit)."""
         rec = self.instances[instance_id]
+        status = ExitStatus(None if status.code is None else int(status.code),
+                            None if status.signal is None else int(status.signal))  # plain ints in status files
         self._unwatch(instance_id)
         self.remnants.pop(instance_id, None)
         sup = self.supervisors.get(rec.supervisor)
@@ -833,7 +835,10 @@ class Controller:
         while any(r.state != RunState.EXITED for r in self.instances.values()) and time.monotonic() < deadline:
             for name in list(self.agents):
                 if name not in self.tasks:
-                    await self._reconcile(name)
+                    try:
+                        await self._reconcile(name)
+                    except Exception as exc:  # noqa: BLE001 - one agent's error must not leave the rest running
+                        log.error("stopping %s failed: %r", name, exc)
             if self.exit_tasks:
                 await asyncio.wait(list(self.exit_tasks), timeout=0.05)
             else:

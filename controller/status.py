@@ -27,6 +27,7 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_multi_representer(str, lambda dumper, value: dumper.represent_str(str(value)))
+_Dumper.add_multi_representer(int, lambda dumper, value: dumper.represent_int(int(value)))
 
 
 def iso(wall: float | None) -> str | None:

@@ -1,0 +1,208 @@
+"""The `process` adapter (controller/supervisors/process.py) against real child processes.
+
+Each test starts tiny `sys.executable -c` programs through `ProcessSupervisor` on tmp_path;
+a fixture kills every process group a test created, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+
+from controller.model import Handle, InstanceSpec
+from controller.supervisors.base import Context, ExitStatus, SupervisorError
+from controller.supervisors.process import ProcessSupervisor
+from tests.helpers import kill_group, pid_alive, reap, wait_for
+
+SLEEP = "import time\nwhile True: time.sleep(1)"
+DEADLINE = 20.0
+
+
+def dead(pid: int) -> bool:
+    """Gone for good: an orphan that came to us (the test process is a subreaper) is reaped first."""
+    reap(pid)
+    return not pid_alive(pid)
+
+
+@dataclass
+class Rig:
+    root: Path
+    adapter: ProcessSupervisor
+    handles: list[Handle] = field(default_factory=list)
+    strays: list[int] = field(default_factory=list)  # grandchildren that come to us when orphaned
+
+    @property
+    def log(self) -> Path:
+        return self.root / "logs" / "a-0.log"
+
+    def spec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> InstanceSpec:
+        return InstanceSpec(id="a-0", agent="a", index=0, supervisor="process", argv=tuple(argv),
+                            env=tuple((env or {}).items()), cwd=str(cwd or self.root), spec_hash="sha256:test")
+
+    def start(self, code: str, *args: str, **kwargs: object) -> Handle:
+        handle = self.adapter.start(self.spec([sys.executable, "-u", "-c", code, *args], **kwargs), self.log)  # type: ignore[arg-type]
+        self.handles.append(handle)
+        return handle
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_output(self, needle: str) -> str:
+        def found() -> str | None:
+            text = self.output()
+            return text if needle in text else None
+        text = wait_for(found, DEADLINE, message=f"{needle!r} in the log")
+        assert text is not None
+        return text
+
+    def wait_gone(self, handle: Handle) -> None:
+        wait_for(lambda: not self.adapter.alive(handle), DEADLINE, message=f"instance pid {handle.pid} gone")
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    made = Rig(tmp_path, ProcessSupervisor(Context(tmp_path, "test-process")))
+    yield made
+    for handle in made.handles:
+        kill_group(handle.pgid)
+        # let the adapter's own Popen reap its child (no zombie, no ResourceWarning)
+        wait_for(lambda: not made.adapter.alive(handle), DEADLINE, message=f"group {handle.pgid} killed")  # noqa: B023
+        made.adapter.exit_status(handle)
+    for pid in made.strays:
+        reap(pid)
+
+
+def test_start_appends_stdout_and_stderr_to_the_log(rig: Rig) -> None:
+    rig.log.parent.mkdir(parents=True)
+    rig.log.write_text("earlier line\n")
+    handle = rig.start("import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)")
+    rig.wait_gone(handle)
+    text = rig.output()
+    assert text.startswith("earlier line\n"), "the log is appended to, never truncated"
+    assert "to stdout" in text and "to stderr" in text
+    assert rig.adapter.exit_status(handle) == ExitStatus(0, None)
+
+
+def test_log_file_is_private(rig: Rig) -> None:
+    handle = rig.start("print('hi')")
+    rig.wait_gone(handle)
+    assert os.stat(rig.log).st_mode & 0o077 == 0
+
+
+def test_argv_is_not_run_through_a_shell(rig: Rig, tmp_path: Path) -> None:
+    target = tmp_path / "pwned"
+    tricky = f"$(touch {target}); touch {target} `touch {target}` | true"
+    handle = rig.start("import sys\nprint(repr(sys.argv[1:]))", tricky, "*")
+    rig.wait_gone(handle)
+    assert repr([tricky, "*"]) in rig.output()
+    assert not target.exists()
+
+
+def test_cwd_and_env_are_applied(rig: Rig, tmp_path: Path) -> None:
+    work = tmp_path / "work dir"
+    work.mkdir()
+    handle = rig.start("import os\nprint('cwd=' + os.getcwd())\nprint('FOO=' + os.environ['FOO'])",
+                       env={"FOO": "bar baz"}, cwd=work)
+    rig.wait_gone(handle)
+    text = rig.output()
+    assert f"cwd={work}" in text
+    assert "FOO=bar baz" in text
+    assert rig.adapter.exit_status(handle) == ExitStatus(0, None)
+
+
+def test_instance_is_its_own_process_group_leader(rig: Rig) -> None:
+    handle = rig.start(SLEEP)
+    assert handle.pgid == handle.pid
+    assert os.getpgid(handle.pid) == handle.pid
+    assert os.getsid(handle.pid) == handle.pid, "a new session: no terminal signals from ours"
+    assert handle.start_ticks > 0
+    assert rig.adapter.alive(handle)
+
+
+def test_exit_status_of_an_exit_code(rig: Rig) -> None:
+    handle = rig.start("raise SystemExit(7)")
+    rig.wait_gone(handle)
+    assert rig.adapter.exit_status(handle) == ExitStatus(7, None)
+
+
+def test_exit_status_of_a_signal(rig: Rig) -> None:
+    handle = rig.start("import os, signal\nprint('up', flush=True)\nos.kill(os.getpid(), signal.SIGUSR1)\n" + SLEEP)
+    rig.wait_gone(handle)
+    status = rig.adapter.exit_status(handle)
+    assert status == ExitStatus(None, signal.SIGUSR1)
+    assert status.known
+
+
+def test_signal_reaches_the_whole_group(rig: Rig) -> None:
+    handle = rig.start(SLEEP)
+    rig.adapter.signal(handle, signal.SIGTERM)
+    rig.wait_gone(handle)
+    assert rig.adapter.exit_status(handle) == ExitStatus(None, signal.SIGTERM)
+
+
+def test_alive_is_false_once_a_finished_group_is_reaped(rig: Rig) -> None:
+    handle = rig.start("print('done')")
+    rig.wait_gone(handle)
+    # alive() reaps its own child: no zombie is left behind
+    assert not os.path.exists(f"/proc/{handle.pid}") or not pid_alive(handle.pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(handle.pid, os.WNOHANG)  # not ours to reap: the adapter's Popen already did
+    assert not rig.adapter.alive(handle)
+
+
+GRANDPARENT = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time\\nwhile True: time.sleep(1)"])
+print("grandchild", child.pid, flush=True)
+"""
+
+
+def test_alive_while_a_grandchild_in_the_group_lives(rig: Rig) -> None:
+    handle = rig.start(GRANDPARENT)
+    text = rig.wait_output("grandchild ")
+    grandchild = int(text.split("grandchild ", 1)[1].split()[0])
+    rig.strays.append(grandchild)
+    wait_for(lambda: not pid_alive(handle.pid), DEADLINE, message="the leader exits")
+    assert pid_alive(grandchild) and os.getpgid(grandchild) == handle.pgid
+    assert rig.adapter.alive(handle), "a live process of the group keeps the instance alive"
+    assert rig.adapter.exit_status(handle) == ExitStatus(0, None)
+    rig.adapter.signal(handle, signal.SIGKILL)
+    wait_for(lambda: dead(grandchild), DEADLINE, message="grandchild killed")
+    assert not rig.adapter.alive(handle)
+
+
+def test_adopt_refuses_a_handle_with_other_start_ticks(rig: Rig) -> None:
+    handle = rig.start(SLEEP)
+    assert rig.adapter.adopt(handle)
+    # a fresh adapter, as after a controller restart: it knows the process only by its handle
+    other = ProcessSupervisor(Context(rig.root, "test-process"))
+    assert other.adopt(handle)
+    reused = replace(handle, start_ticks=handle.start_ticks + 1)
+    assert not other.adopt(reused), "same pid, other start time: another process (pid reuse)"
+    assert other.exit_status(handle) == ExitStatus(None, None), "an adopted process's exit code is unknown"
+
+
+def test_adopt_refuses_a_dead_process(rig: Rig) -> None:
+    handle = rig.start("pass")
+    rig.wait_gone(handle)
+    assert not rig.adapter.adopt(handle)
+
+
+def test_nonexistent_executable_raises_supervisor_error(rig: Rig, tmp_path: Path) -> None:
+    spec = rig.spec([str(tmp_path / "no-such-program"), "--flag"])
+    with pytest.raises(SupervisorError) as info:
+        rig.adapter.start(spec, rig.log)
+    assert "no-such-program" in str(info.value)
+    assert info.value.retryable is False
+
+
+def test_missing_cwd_raises_supervisor_error(rig: Rig, tmp_path: Path) -> None:
+    spec = rig.spec([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")
+    with pytest.raises(SupervisorError):
+        rig.adapter.start(spec, rig.log)
