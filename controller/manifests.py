@@ -308,8 +308,8 @@ def _name_of(data: Any) -> str | None:
     if isinstance(data, dict):
         meta = data.get("metadata")
         name = meta.get("name") if isinstance(meta, dict) else None
-        if isinstance(name, str):
-            return name
+        if isinstance(name, str) and re.match(NAME_RE, name):
+            return name  # only a valid name may name an agent (and so a status file)
     return None
 
 

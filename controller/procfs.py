@@ -57,6 +57,15 @@ def is_live(pid: int, ticks: int) -> bool:
     return stat is not None and stat.start_ticks == ticks and stat.state not in ("Z", "X")
 
 
+def boot_id() -> str:
+    """Changes at every boot: pids and start ticks of an earlier boot name nothing now."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def group_exists(pgid: int) -> bool:
     """Cheap first check: kill(-pgid, 0) fails once no process (not even a zombie) is left."""
     try:

@@ -150,8 +150,15 @@ class Controller:
         self.supervisors = build(Context(self.state_dir, self.controller_id))
         self.status = StatusWriter(self.settings.status_dir)
         self.counters = self.store.counters()
+        boot, stored_boot = procfs.boot_id(), self.store.meta("boot_id")
+        rebooted = bool(stored_boot) and stored_boot != boot
         for rec in self.store.instances():
+            if rebooted and rec.handle is not None:
+                rec = replace(rec, handle=None)  # recorded before a reboot: not ours to adopt or signal
             self.instances[rec.id] = rec
+        if rebooted:
+            log.warning("the host rebooted since the last run: no recorded process is adopted")
+        self.store.set_meta("boot_id", boot)
         for row in self.store.agents().values():
             self.agents[row.name] = self._restore_agent(row)
         for rec in self.instances.values():

@@ -12,6 +12,7 @@ import logging
 import os
 import signal as signals
 import time
+from dataclasses import replace
 
 from controller import procfs
 from controller.model import Handle, InstanceRecord, RunState
@@ -24,10 +25,18 @@ log = logging.getLogger("agentctl")
 async def adopt_all(ctl: Controller) -> None:
     """Re-attach live recorded instances (same pid and start time), record the rest as Lost."""
     for rec in list(ctl.instances.values()):
-        if rec.state == RunState.EXITED or rec.handle is None:
+        if rec.state == RunState.EXITED:
+            continue
+        if rec.handle is None:
+            await ctl.finish_exit(rec.id, ExitStatus(None, None))  # lost to a reboot
             continue
         sup = ctl.supervisors.get(rec.supervisor)
         if sup is None:
+            continue
+        if not _marker_agrees(rec):
+            log.warning("%s pid %d now belongs to another process: not adopted, not signalled", rec.id, rec.handle.pid)
+            ctl.put(replace(rec, handle=None))
+            await ctl.finish_exit(rec.id, ExitStatus(None, None))
             continue
         if await ctl.call(sup, sup.adopt, rec.handle):
             log.info("%s adopted pid %d", rec.id, rec.handle.pid)
@@ -39,6 +48,15 @@ async def adopt_all(ctl: Controller) -> None:
             ctl.remnants[rec.id] = ExitStatus(None, None)
             continue
         await ctl.finish_exit(rec.id, ExitStatus(None, None))
+
+
+def _marker_agrees(rec: InstanceRecord) -> bool:
+    """A process that carries an instance marker must carry this one (an agent may clear its env:
+    no marker at all is not proof of anything, pid and start ticks decide then)."""
+    assert rec.handle is not None
+    env = procfs.read_environ(rec.handle.pid)
+    marker = env.get("AGENTCTL_INSTANCE")
+    return marker is None or marker == rec.id
 
 
 def _is_leader(m: procfs.Marked) -> bool:

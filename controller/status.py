@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from controller.manifests import NAME_RE
 from controller.model import InstanceRecord, RunState
 from controller.planner import PhaseView
 
@@ -175,6 +177,8 @@ class StatusWriter:
         return self.docs.get(name)
 
     def write(self, name: str, doc: dict[str, Any]) -> bool:
+        if not re.match(NAME_RE, name):
+            raise ValueError(f"refusing to write a status for the invalid agent name {name!r}")
         if _same(self.docs.get(name), doc):
             return False
         try:
