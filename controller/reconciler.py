@@ -50,6 +50,7 @@ from controller.supervisors.registry import build
 log = logging.getLogger("agentctl")
 T = TypeVar("T")
 LOG_TAIL_LINES = 20
+PUBLISH_EVERY = 0.05  # seconds between snapshots for the HTTP thread during a burst
 
 
 @dataclass
@@ -105,7 +106,8 @@ class Controller:
             g = settings.git
             self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git")
         self.agents: dict[str, AgentState] = {}
-        self.instances: dict[str, InstanceRecord] = {}
+        self.instances: dict[str, InstanceRecord] = {}  # change only through put() and drop()
+        self.by_agent: dict[str, set[str]] = {}  # agent -> its instance ids
         self.counters: dict[tuple[str, str], int] = {}
         self.last_exit_codes: dict[str, int] = {}
         self.manifest_valid: dict[str, bool] = {}
@@ -121,6 +123,7 @@ class Controller:
         self.write_errors = 0  # store and status writes that failed (disk full, read-only...)
         self.state_error: str | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._published_at = 0.0
         self.actions_in_pass = 0
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
         self.ready = False
@@ -155,7 +158,7 @@ class Controller:
         for rec in self.store.instances():
             if rebooted and rec.handle is not None:
                 rec = replace(rec, handle=None)  # recorded before a reboot: not ours to adopt or signal
-            self.instances[rec.id] = rec
+            self._index(rec)
         if rebooted:
             log.warning("the host rebooted since the last run: no recorded process is adopted")
         self.store.set_meta("boot_id", boot)
@@ -189,7 +192,8 @@ class Controller:
         self.supervisors = build(Context(self.state_dir, self.controller_id))
         if self.store is not None:
             self.counters = self.store.counters()
-            self.instances = {r.id: r for r in self.store.instances()}
+            for rec in self.store.instances():
+                self._index(rec)
             for row in self.store.agents().values():
                 self.agents[row.name] = self._restore_agent(row)
         for rec in self.instances.values():
@@ -335,7 +339,7 @@ class Controller:
 
     # -- observe + plan -----------------------------------------------------
     def _instances_of(self, name: str) -> dict[str, InstanceRecord]:
-        return {r.id: r for r in self.instances.values() if r.agent == name}
+        return {i: self.instances[i] for i in self.by_agent.get(name, ())}
 
     def _view(self, agent: AgentState) -> AgentView:
         target = agent.target
@@ -435,12 +439,27 @@ class Controller:
         """Memory is authoritative; a failed store write is reported and redone with the next change."""
         assert self.store is not None
         self.instances[rec.id] = rec
+        self.by_agent.setdefault(rec.agent, set()).add(rec.id)
         try:
             self.store.put_instance(rec)
         except sqlite3.Error as exc:
             self._write_failed(f"state store write for {rec.id} failed: {exc}")
         else:
             self.state_error = None
+
+    def _index(self, rec: InstanceRecord) -> None:
+        """A record loaded from the store: into memory without writing it back."""
+        self.instances[rec.id] = rec
+        self.by_agent.setdefault(rec.agent, set()).add(rec.id)
+
+    def drop(self, instance_id: str) -> InstanceRecord | None:
+        rec = self.instances.pop(instance_id, None)
+        if rec is not None:
+            ids = self.by_agent.get(rec.agent, set())
+            ids.discard(instance_id)
+            if not ids:
+                self.by_agent.pop(rec.agent, None)
+        return rec
 
     def _write_failed(self, message: str) -> None:
         self.write_errors += 1
@@ -547,7 +566,7 @@ class Controller:
 
     def _forget(self, instance_id: str) -> None:
         assert self.store is not None
-        rec = self.instances.pop(instance_id, None)
+        rec = self.drop(instance_id)
         self.store.delete_instance(instance_id)
         if rec is not None:
             reason = rec.last_exit.reason if rec.last_exit else ""
@@ -728,6 +747,7 @@ class Controller:
     def publish(self) -> None:
         """Swap in a new immutable snapshot for the HTTP thread."""
         assert self.status is not None
+        self._published_at = time.monotonic()
         handles = {r.id: (r.agent, r.handle) for r in self.instances.values()
                    if r.handle is not None and r.state != RunState.EXITED}
         live = {r.agent for r in self.instances.values()}
@@ -793,14 +813,19 @@ class Controller:
             if self.tasks:
                 await asyncio.wait(list(self.tasks.values()) + list(self.exit_tasks), timeout=self._next_timeout(time.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
-                self.publish()
+                if time.monotonic() - self._published_at >= PUBLISH_EVERY:
+                    self.publish()  # during a burst at most every PUBLISH_EVERY; at once when idle
                 continue
             if first_pass:
                 first_pass = False
+                assert self.status is not None
+                await asyncio.to_thread(self.status.flush)  # status files are there when /readyz says so
                 self.ready = True
                 log.info("first reconcile pass done: %d agents, %d instances", len(self.agents), len(self.instances))
             self.publish()
             if self.settings.once and (self.quiet() and self._nothing_to_start() or time.monotonic() > once_deadline):
+                assert self.status is not None
+                await asyncio.to_thread(self.status.flush)
                 return 1 if self.action_failures else 0
             self._wake.clear()
             if self.dirty or stop_event.is_set():
@@ -831,6 +856,8 @@ class Controller:
             self._sweep_handle.cancel()
         for iid in list(self.pidfds):
             self._unwatch(iid)
+        if self.status is not None:
+            self.status.flush()
         if self.store is not None:
             self.store.close()
 

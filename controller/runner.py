@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ log = logging.getLogger("agentctl")
 
 
 def run_controller(settings: Settings, host: str, port: int) -> int:
+    # the loop thread makes many short syscalls; with the default 5 ms switch interval each one
+    # could wait that long for the GIL behind the status writer or an HTTP scrape
+    sys.setswitchinterval(0.0005)
     controller = Controller(settings)
     controller.open()
     metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))

@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +26,15 @@ from controller.planner import PhaseView
 log = logging.getLogger("agentctl.status")
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]  # libyaml when there
     """Phases and reasons are StrEnums: written as the plain strings users see."""
 
 
 _Dumper.add_multi_representer(str, lambda dumper, value: dumper.represent_str(str(value)))
 _Dumper.add_multi_representer(int, lambda dumper, value: dumper.represent_int(int(value)))
+
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def iso(wall: float | None) -> str | None:
@@ -160,7 +165,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 class StatusWriter:
-    """One YAML file per agent under <state-dir>/status, rewritten only when it changed."""
+    """One YAML file per agent under <state-dir>/status, rewritten only when it changed.
+
+    The rendered documents are kept in memory at once (the HTTP API serves them); the files
+    are written by a background thread that coalesces bursts, so file creation and renames
+    never sit on the reconcile loop. `flush()` waits until disk has caught up.
+    """
+
+    COALESCE_SECONDS = 0.1  # also keeps YAML dumping out of the loop thread's way during a burst
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -168,6 +180,11 @@ class StatusWriter:
         self.docs: dict[str, dict[str, Any]] = {}
         self.failures = 0  # writes that failed since start (disk full, read-only...)
         self.last_error: str | None = None
+        self._pending: dict[str, dict[str, Any] | None] = {}  # None: remove the file
+        self._cond = threading.Condition()
+        self._busy = False
+        self._failed_batches = 0
+        self._thread: threading.Thread | None = None
 
     def previous(self, name: str) -> dict[str, Any] | None:
         if name not in self.docs:
@@ -181,23 +198,61 @@ class StatusWriter:
             raise ValueError(f"refusing to write a status for the invalid agent name {name!r}")
         if _same(self.docs.get(name), doc):
             return False
-        try:
-            atomic_write(self.dir / f"{name}.yaml", yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-        except OSError as exc:
-            self.failures += 1
-            self.last_error = f"cannot write status of {name}: {exc}"
-            log.error("%s", self.last_error)
-            return False
         self.docs[name] = doc
-        self.last_error = None
+        self._queue(name, doc)
         return True
 
     def remove(self, name: str) -> None:
         self.docs.pop(name, None)
+        self._queue(name, None)
+
+    def _queue(self, name: str, doc: dict[str, Any] | None) -> None:
+        with self._cond:
+            self._pending[name] = doc
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="agentctl-status", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until what was queued is on disk, or its write has failed (and is queued again)."""
+        with self._cond:
+            start = self._failed_batches
+            self._cond.wait_for(lambda: (not self._pending and not self._busy) or self._failed_batches > start, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending))
+            time.sleep(self.COALESCE_SECONDS)  # let a burst of changes collapse into one write each
+            with self._cond:
+                batch, self._pending, self._busy = self._pending, {}, True
+            failed = [name for name, doc in batch.items() if not self._write_now(name, doc)]
+            with self._cond:
+                for name in failed:
+                    self._pending.setdefault(name, batch[name])  # retried with the next batch
+                self._busy = False
+                self._failed_batches += bool(failed)
+                self._cond.notify_all()
+            if failed:
+                time.sleep(1.0)  # disk full or read-only: retry once a second, not in a spin
+
+    def _write_now(self, name: str, doc: dict[str, Any] | None) -> bool:
+        path = self.dir / f"{name}.yaml"
         try:
-            (self.dir / f"{name}.yaml").unlink()
-        except FileNotFoundError:
-            pass
+            if doc is None:
+                path.unlink(missing_ok=True)
+            else:
+                atomic_write(path, yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+        except OSError as exc:
+            self.failures += 1
+            message = f"cannot write status of {name}: {exc}"
+            if message != self.last_error:
+                log.error("%s", message)
+            self.last_error = message
+            return False
+        self.last_error = None
+        return True
 
     def names_on_disk(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.yaml"))
@@ -205,7 +260,7 @@ class StatusWriter:
 
 def read_status(directory: Path, name: str) -> dict[str, Any] | None:
     try:
-        data = yaml.safe_load((directory / f"{name}.yaml").read_text(encoding="utf-8"))
+        data = yaml.load((directory / f"{name}.yaml").read_text(encoding="utf-8"), Loader=_Loader)
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None

@@ -35,6 +35,7 @@ class ProcessSupervisor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._devnull: int | None = None  # one fd for every child's stdin, not an open() per spawn
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -46,7 +47,7 @@ class ProcessSupervisor:
                 list(spec.argv),
                 cwd=spec.cwd,
                 env=spawn_env(spec),
-                stdin=subprocess.DEVNULL,
+                stdin=self._stdin(),
                 stdout=fd,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -61,6 +62,11 @@ class ProcessSupervisor:
         if ticks is None:  # exited and was reaped already: cannot happen before wait(), keep a sane value
             ticks = 0
         return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks)
+
+    def _stdin(self) -> int:
+        if self._devnull is None:
+            self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return self._devnull
 
     def signal(self, handle: Handle, sig: int) -> None:
         try:
