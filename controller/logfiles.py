@@ -37,10 +37,23 @@ def tail_bytes(path: Path, max_bytes: int = 64 * 1024) -> bytes:
         return b""
 
 
-def tail_lines(path: Path, n: int, *, raw: bool = False) -> list[str]:
+def size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def tail_lines(path: Path, n: int, *, raw: bool = False, since: int = 0) -> list[str]:
+    """The last n lines; with `since`, only of what was written after that offset (a log
+    rotated in between, i.e. now shorter than `since`, is read from its start)."""
     if n <= 0:
         return []
-    data = tail_bytes(path, max(64 * 1024, n * 512)).decode("utf-8", errors="replace")
+    want = max(64 * 1024, n * 512)
+    current = size(path)
+    if 0 < since <= current:
+        want = min(want, current - since)
+    data = tail_bytes(path, want).decode("utf-8", errors="replace") if want > 0 else ""
     text = data if raw else strip_escapes(data)
     lines = text.split("\n")
     if lines and lines[-1] == "":

@@ -123,6 +123,7 @@ class InstanceRecord:
     terminal_message: str = ""
     health: str | None = None  # a failed liveness/memory check, waiting to be acted on
     health_message: str = ""
+    log_offset: int = 0  # size of the instance log when this run started: its exit tail starts there
 
 
 @dataclass(frozen=True)

@@ -254,11 +254,12 @@ def agent_phase(view: AgentView, *, ever_valid: bool = True, pending_reason: str
         return PhaseView(Phase.RUNNING, ready, want, "Running")
     if view.unavailable is not None:
         return PhaseView(Phase.PENDING, ready, want, "SupervisorUnavailable", view.unavailable)
-    if "backoff" in slots:
+    if "backoff" in slots and not pending_reason:
         return PhaseView(Phase.BACKOFF, ready, want, "BackOff")
     if "stopping" in slots:
         return PhaseView(Phase.STOPPING, ready, want, "Restarting")
-    if "absent" in slots and pending_reason:
+    if pending_reason and ("absent" in slots or "backoff" in slots):
+        # a slot due to start finds no room (HostCapacity); a backoff slot here has its delay over
         return PhaseView(Phase.PENDING, ready, want, pending_reason)
     if ready or "starting" in slots:
         return PhaseView(Phase.STARTING, ready, want, "Starting")

@@ -117,6 +117,7 @@ class Controller:
         self.locks: dict[str, asyncio.Lock] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.exit_tasks: set[asyncio.Task[None]] = set()
+        self.starting: set[str] = set()  # instance ids whose supervisor start is in flight
         self.pidfds: dict[str, int] = {}
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
         self.action_failures = 0
@@ -254,6 +255,14 @@ class Controller:
                 self.mark(name)
         self.manifest_valid = self._validity(result)
 
+    def _clear_failed(self, name: str) -> None:
+        """Any edit of the spec (also of policy fields that restart nothing) ends a Failed crash loop."""
+        for rec in self._instances_of(name).values():
+            if rec.terminal == "Failed":
+                self.put(replace(rec, terminal=None, terminal_reason="", terminal_message="", next_start=None,
+                                 failures_in_row=0, restart_times=()))
+                self.event(name, rec.id, "Retry", "SpecChanged", "the spec was edited: restarting a Failed instance")
+
     def _validity(self, result: LoadResult) -> dict[str, bool]:
         valid = {file: True for file in result.names_by_file}
         for err in result.errors:
@@ -272,6 +281,8 @@ class Controller:
         agent.desired, agent.valid, agent.errors, agent.present = desired, True, [], True
         agent.placed, agent.source, agent.source_revision = placed, loaded.source, revision
         if before != (desired, True, True, placed, loaded.source, revision):
+            if before[0] is not None and before[0].spec != desired.spec:
+                self._clear_failed(name)
             self._save_agent(agent)
             self.mark(name)
 
@@ -361,8 +372,8 @@ class Controller:
     def _capacity(self) -> int:
         if self.settings.max_agents is None:
             return 1 << 30
-        live = sum(1 for r in self.instances.values() if r.state != RunState.EXITED)
-        return max(0, self.settings.max_agents - live)
+        live = {r.id for r in self.instances.values() if r.state != RunState.EXITED} | self.starting
+        return max(0, self.settings.max_agents - len(live))
 
     async def _reconcile(self, name: str) -> None:
         lock = self.locks.setdefault(name, asyncio.Lock())
@@ -477,17 +488,21 @@ class Controller:
         same_spec = prev is not None and prev.spec_hash == spec.spec_hash
         now_mono, now_wall = time.monotonic(), time.time()
         restarts = (prev.restarts if prev and same_spec else 0) + action.counts_as_restart
-        times = (prev.restart_times if prev and same_spec else ()) + ((now_mono,) if action.counts_as_restart else ())
+        # a person's restart gives a fresh crash-loop budget: it is not one of the automatic restarts
+        automatic = action.counts_as_restart and action.reason != ExitReason.MANUAL_RESTART
+        times = (prev.restart_times if prev and same_spec else ()) + ((now_mono,) if automatic else ())
         base = InstanceRecord(
             id=spec.id, agent=spec.agent, index=spec.index, supervisor=spec.supervisor, spec_hash=spec.spec_hash,
             state=RunState.RUNNING, started_at=now_wall, started_mono=now_mono, restarts=restarts,
             failures_in_row=prev.failures_in_row if prev and same_spec else 0,
             restart_times=times[-200:], last_exit=prev.last_exit if prev else None,
+            log_offset=logfiles.size(self.log_path(spec.id)),
         )
         if action.counts_as_restart:
             reason = prev.last_exit.reason if prev and prev.last_exit else action.reason
             self._count_restart(agent.name, reason)
         spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id),))
+        self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self._check_cwd(spec.cwd)
             handle = await self.call(sup, sup.start, spec, self.log_path(spec.id))
@@ -499,6 +514,8 @@ class Controller:
             self.put(replace(base, state=RunState.EXITED, last_exit=failed))
             self.mark(agent.name)
             return
+        finally:
+            self.starting.discard(spec.id)
         self.put(replace(base, handle=handle))
         self.watch(spec.id, handle)
         for hook in self.on_start:
@@ -641,7 +658,7 @@ class Controller:
             await self.call(sup, sup.cleanup, rec.handle)
         now = time.time()
         reason = str(self._exit_reason(rec, status))
-        tail = tuple(logfiles.tail_lines(self.log_path(instance_id), LOG_TAIL_LINES))
+        tail = tuple(logfiles.tail_lines(self.log_path(instance_id), LOG_TAIL_LINES, since=rec.log_offset))
         info = ExitInfo(status.code, status.signal, now, max(0.0, now - rec.started_at), reason, tail,
                         rec.health_message if rec.stop_reason == rec.health else "")
         self.put(replace(rec, state=RunState.EXITED, handle=None, last_exit=info, stop_reason=None,
