@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from controller import __version__, logfiles, status
 from controller.loader import ManifestSource
-from controller.manifests import json_schema
+from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
 from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
 
@@ -502,11 +503,23 @@ COMMANDS = {
 }
 
 
+def _bad_name(args: argparse.Namespace) -> bool:
+    """A NAME is joined into state-dir paths: what cannot be an agent's name is unknown (exit 1)."""
+    name = getattr(args, "name", None)
+    if name is not None and not re.match(NAME_RE, name):
+        print(f"error: agent {name!r} not found: not an agent name (lowercase letters, digits and '-')",
+              file=sys.stderr)
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command != "run":
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `agentctl logs x | head` ends quietly
     try:
+        if _bad_name(args):
+            return 1
         return COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -247,6 +247,9 @@ class ManifestSource:
                     result.broken_files.add(display)
             for doc in entry.docs:
                 names.add(doc.manifest.metadata.name)
+            if display in result.broken_files:
+                continue  # a file with a file-level error applies none of its documents, as validate says
+            for doc in entry.docs:
                 candidates.setdefault(doc.manifest.metadata.name, []).append((doc, display))
         for name, docs in candidates.items():
             self._choose(name, docs, result, (previous or {}).get(name))

@@ -124,6 +124,7 @@ class InstanceRecord:
     health: str | None = None  # a failed liveness/memory check, waiting to be acted on
     health_message: str = ""
     log_offset: int = 0  # size of the instance log when this run started: its exit tail starts there
+    run_id: str = ""  # AGENTCTL_RUN of this run's processes: tells them from an earlier run's leftovers
 
 
 @dataclass(frozen=True)

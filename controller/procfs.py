@@ -153,6 +153,7 @@ class Marked:
     instance: str
     agent: str
     spec_hash: str
+    run: str = ""
 
 
 def marked_processes(controller_id: str) -> list[Marked]:
@@ -177,7 +178,8 @@ def marked_processes(controller_id: str) -> list[Marked]:
             continue
         found.append(Marked(int(name), stat, env.get(b"AGENTCTL_INSTANCE", b"").decode(errors="replace"),
                             env.get(b"AGENTCTL_AGENT", b"").decode(errors="replace"),
-                            env.get(b"AGENTCTL_SPEC_HASH", b"").decode(errors="replace")))
+                            env.get(b"AGENTCTL_SPEC_HASH", b"").decode(errors="replace"),
+                            env.get(b"AGENTCTL_RUN", b"").decode(errors="replace")))
     return found
 
 

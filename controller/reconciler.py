@@ -125,6 +125,7 @@ class Controller:
         self.state_error: str | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._published_at = 0.0
+        self._logged_file_errors: set[str] = set()
         self.actions_in_pass = 0
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
         self.ready = False
@@ -239,6 +240,7 @@ class Controller:
         for err in result.errors:
             if err.agent:
                 errors_by_agent.setdefault(err.agent, []).append(str(err))
+        self._log_file_errors(result)
         for file in result.broken_files:
             message = "; ".join(str(e) for e in result.errors if e.file == file and not e.agent)
             for name, agent in self.agents.items():
@@ -254,6 +256,13 @@ class Controller:
                 self.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.mark(name)
         self.manifest_valid = self._validity(result)
+
+    def _log_file_errors(self, result: LoadResult) -> None:
+        """A file whose agent cannot even be named gets a log line (once per distinct error)."""
+        current = {str(e) for e in result.errors if not e.agent}
+        for message in sorted(current - self._logged_file_errors):
+            log.warning("invalid manifest file: %s", message)
+        self._logged_file_errors = current
 
     def _clear_failed(self, name: str) -> None:
         """Any edit of the spec (also of policy fields that restart nothing) ends a Failed crash loop."""
@@ -501,7 +510,9 @@ class Controller:
         if action.counts_as_restart:
             reason = prev.last_exit.reason if prev and prev.last_exit else action.reason
             self._count_restart(agent.name, reason)
-        spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id),))
+        run_id = os.urandom(6).hex()
+        base = replace(base, run_id=run_id)
+        spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id), ("AGENTCTL_RUN", run_id)))
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self._check_cwd(spec.cwd)

@@ -33,7 +33,7 @@ async def adopt_all(ctl: Controller) -> None:
         sup = ctl.supervisors.get(rec.supervisor)
         if sup is None:
             continue
-        if not _marker_agrees(rec):
+        if not _marker_agrees(rec, ctl.controller_id):
             log.warning("%s pid %d now belongs to another process: not adopted, not signalled", rec.id, rec.handle.pid)
             ctl.put(replace(rec, handle=None))
             await ctl.finish_exit(rec.id, ExitStatus(None, None))
@@ -43,20 +43,22 @@ async def adopt_all(ctl: Controller) -> None:
             ctl.event(rec.agent, rec.id, "Adopted", "ControllerRestart", f"pid {rec.handle.pid}")
             ctl.watch(rec.id, rec.handle)
             continue
-        if await ctl.call(sup, sup.alive, rec.handle):
-            await ctl.call(sup, sup.signal, rec.handle, signals.SIGKILL)
-            ctl.remnants[rec.id] = ExitStatus(None, None)
-            continue
+        # the main process is gone. Its process group id may since name a stranger's group: nothing
+        # is signalled by group; what is left of ours carries our marker and is killed by pid
+        # (recover_unrecorded, right after the manifests are loaded)
+        ctl.put(replace(rec, handle=None))
         await ctl.finish_exit(rec.id, ExitStatus(None, None))
 
 
-def _marker_agrees(rec: InstanceRecord) -> bool:
-    """A process that carries an instance marker must carry this one (an agent may clear its env:
-    no marker at all is not proof of anything, pid and start ticks decide then)."""
+def _marker_agrees(rec: InstanceRecord, controller_id: str) -> bool:
+    """The recorded process must carry this instance's marker: a record naming a stranger (forged,
+    corrupt, or from a reused pid) is never adopted. An agent that exec's with a cleared
+    environment therefore cannot be adopted after a controller restart."""
     assert rec.handle is not None
     env = procfs.read_environ(rec.handle.pid)
-    marker = env.get("AGENTCTL_INSTANCE")
-    return marker is None or marker == rec.id
+    if not env:
+        return True  # gone, or not ours to read: pid and start ticks decide
+    return env.get("AGENTCTL_INSTANCE") == rec.id and env.get("AGENTCTL_CONTROLLER_ID") == controller_id
 
 
 def _is_leader(m: procfs.Marked) -> bool:
@@ -133,12 +135,13 @@ def _mono_start(ticks: int) -> float:
 
 
 def sweep_orphans(ctl: Controller) -> None:
-    """Marked processes whose instance has no live main process: leftovers that escaped the group."""
-    live_leaders = {r.id: r.handle.pid for r in ctl.instances.values()
-                    if r.state != RunState.EXITED and r.handle is not None}
+    """Marked processes of no live run: leftovers that escaped their group (setsid), also of an
+    earlier run of an instance that has since restarted."""
+    live = {r.id: r for r in ctl.instances.values() if r.state != RunState.EXITED and r.handle is not None}
     for m in procfs.marked_processes(ctl.controller_id):
-        if m.instance in live_leaders or m.pid in live_leaders.values():
-            continue
+        rec = live.get(m.instance)
+        if rec is not None and (not rec.run_id or not m.run or m.run == rec.run_id):
+            continue  # a process of the instance's current run (records from before run ids: all spared)
         if m.instance in ctl.remnants or m.agent in ctl.tasks:
             continue  # being reconciled right now: a start may be in flight in a worker thread
         log.warning("%s orphaned process pid %d (escaped its process group): killing it", m.instance, m.pid)
