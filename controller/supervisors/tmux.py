@@ -32,7 +32,8 @@ WINDOW_SIZE = ("200", "50")
 COMMAND_TIMEOUT = 10.0
 # tmux refuses a command line over 16 KiB ("command too long"): the environment is sent in chunks.
 MAX_COMMAND_BYTES = 12_000
-EXIT_WAIT = 1.0  # how long exit_status waits for tmux to notice the exit
+EXIT_WAIT = 2.0  # how long exit_status waits for tmux to record the exit status (slow on a loaded host)
+EXEC_WAIT = 5.0  # how long start waits for the pane's child to exec the command
 CACHE_SECONDS = 30.0
 MIN_VERSION = (3, 0)  # respawn-pane -e
 HOLD_ARGV = ("cat", "-")  # placeholder process of a new pane until pipe-pane is attached
@@ -294,6 +295,7 @@ class TmuxSupervisor:
         except SupervisorError:
             kill_session(self.ctx, session)
             raise
+        _wait_for_exec(pane.pid)
         ticks = procfs.start_ticks(pane.pid)
         # the pane process is a session leader (forkpty): its pgid is its pid
         return Handle(pid=pane.pid, pgid=pane.pid, start_ticks=ticks or 0, unit=session)
@@ -327,7 +329,9 @@ class TmuxSupervisor:
             pane = read_pane(self.ctx, handle.unit)
             if pane is None or pane.pid != handle.pid:
                 return ExitStatus(None, None)
-            if pane.dead or time.monotonic() >= deadline:
+            # tmux may mark the pane dead (pty closed) a moment before it has the exit status
+            known = pane.dead and (pane.status is not None or pane.signal is not None)
+            if known or time.monotonic() >= deadline:
                 return pane_exit(pane)
             time.sleep(0.01)
 
@@ -360,6 +364,16 @@ class TmuxSupervisor:
             except (ProcessLookupError, PermissionError):
                 pass
         kill_session(self.ctx, session)
+
+
+def _wait_for_exec(pid: int) -> None:
+    """tmux reports the pane pid at fork: until the child exec's, it is still a copy of tmux."""
+    deadline = time.monotonic() + EXEC_WAIT
+    while time.monotonic() < deadline:
+        argv = procfs.cmdline(pid)
+        if not argv or os.path.basename(argv[0]) != os.path.basename(TMUX):
+            return
+        time.sleep(0.002)
 
 
 def check_runnable(spec: InstanceSpec, env: Mapping[str, str]) -> None:
