@@ -23,7 +23,7 @@ from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
 log = logging.getLogger("agentctl.health")
-ROTATE_EVERY = 2.0
+ROTATE_EVERY = 2.0  # a stat per live log file: cheap, and bounds a fast writer to ~2 s of output past maxBytes
 MEMORY_EVERY = 0.5
 MAX_PERIOD = 5.0
 MIN_WAIT = 0.02

@@ -66,6 +66,14 @@ class LoadResult:
         return [e for e in self.errors if e.agent == name]
 
 
+def _stat_key(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def inside(base: Path, target: str) -> Path | None:
     """target resolved (symlinks included) against base, or None if it leaves base."""
     resolved = (base / target).resolve()
@@ -195,6 +203,8 @@ class ManifestSource:
         self.providers = providers
         self.allow_insecure = allow_insecure
         self._files: dict[Path, _FileEntry] = {}
+        # id(doc) -> (doc, stat keys of what it reads, result); the doc itself is kept so its id is not reused
+        self._resolved: dict[int, tuple[ParsedDocument, tuple[object, ...], Loaded | None, list[ManifestError]]] = {}
 
     @property
     def root(self) -> Path:
@@ -232,6 +242,8 @@ class ManifestSource:
         files = self._files_with_display()
         present = {p for p, _ in files}
         self._files = {p: e for p, e in self._files.items() if p in present}
+        live_docs = {id(d) for e in self._files.values() for d in e.docs}
+        self._resolved = {k: v for k, v in self._resolved.items() if k in live_docs}
         result = LoadResult()
         candidates: dict[str, list[tuple[ParsedDocument, str]]] = {}
         for path, display in files:
@@ -268,7 +280,20 @@ class ManifestSource:
                 return
             docs = [keep]
         doc, file = docs[0]
-        loaded, errors = resolve_doc(doc, self.base_dir, file, self.providers)
+        loaded, errors = self._resolve(doc, file)
         result.errors.extend(errors)
         if loaded is not None:
             result.manifests[name] = loaded
+
+    def _resolve(self, doc: ParsedDocument, file: str) -> tuple[Loaded | None, list[ManifestError]]:
+        """resolve_doc, cached while the document and the files it reads (cwd, envFiles) are unchanged:
+        the same Loaded object comes back, which tells the reconciler nothing changed."""
+        spec = doc.manifest.spec
+        deps = (_stat_key(self.base_dir / (spec.cwd or ".")),
+                *(_stat_key(self.base_dir / rel) for rel in spec.env_files))
+        cached = self._resolved.get(id(doc))
+        if cached is not None and cached[0] is doc and cached[1] == deps:
+            return cached[2], cached[3]
+        loaded, errors = resolve_doc(doc, self.base_dir, file, self.providers)
+        self._resolved[id(doc)] = (doc, deps, loaded, errors)
+        return loaded, errors

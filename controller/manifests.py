@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 ENV_KEY_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 LABEL_KEY_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,251}[A-Za-z0-9])?$"
+LABEL_KEY = re.compile(LABEL_KEY_RE)
 
 # Bounds that keep a hostile file from costing unbounded time or memory.
 MAX_DOCUMENTS = 1000
@@ -35,7 +36,16 @@ class Strict(BaseModel):
 
 class Metadata(Strict):
     name: Annotated[str, Field(pattern=NAME_RE, max_length=63)]
-    labels: dict[Annotated[str, Field(pattern=LABEL_KEY_RE)], str] = Field(default_factory=dict)
+    labels: dict[Annotated[str, Field(max_length=253)], str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        # checked with Python's re: as a pydantic pattern, {0,251} compiles to a 3.4 MiB regex
+        bad = [k for k in value if not LABEL_KEY.match(k)]
+        if bad:
+            raise ValueError(f"invalid label key {bad[0]!r}: letters, digits, '-', '_', '.', '/'")
+        return value
 
 
 class Backoff(Strict):

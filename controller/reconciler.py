@@ -67,6 +67,7 @@ class AgentState:
     placed: bool = True
     pending_reason: str | None = None
     source_revision: str | None = None
+    loaded: Loaded | None = None  # what desired was computed from (identity: unchanged input)
 
     @property
     def target(self) -> DesiredAgent | None:
@@ -169,6 +170,7 @@ class Controller:
         for rec in self.instances.values():
             if rec.agent not in self.agents:
                 self.agents[rec.agent] = AgentState(rec.agent, "", time.time(), present=False)
+        self.store.commit()
 
     def _controller_id(self) -> str:
         """Stable per state dir, kept beside the store too: it marks our processes if the store is lost."""
@@ -283,9 +285,12 @@ class Controller:
         if agent is None:
             agent = self.agents[name] = AgentState(name, loaded.source, time.time())
             self.event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
+        revision = self.git.revision if self.git is not None else None
+        if agent.loaded is loaded and agent.valid and agent.present and agent.source_revision == revision:
+            return  # the loader's cache says nothing this agent reads has changed
+        agent.loaded = loaded
         desired = self._desire(loaded)
         placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
-        revision = self.git.revision if self.git is not None else None
         before = (agent.desired, agent.valid, agent.present, agent.placed, agent.source, agent.source_revision)
         agent.desired, agent.valid, agent.errors, agent.present = desired, True, [], True
         agent.placed, agent.source, agent.source_revision = placed, loaded.source, revision
@@ -403,7 +408,7 @@ class Controller:
         name = agent.name
         if plan.requeue_after is not None:
             self.timers[name] = time.monotonic() + plan.requeue_after
-        if name in self.remnants or any(r.killed and r.agent == name for r in self.instances.values()):
+        if name in self.remnants or any(r.killed for r in self._instances_of(name).values()):
             self.timers[name] = min(self.timers.get(name, float("inf")), time.monotonic() + 0.05)
         agent.pending_reason = plan.pending_reason
         was_full = self.settings.max_agents is not None
@@ -481,6 +486,14 @@ class Controller:
                 self.by_agent.pop(rec.agent, None)
         return rec
 
+    def _commit(self) -> None:
+        if self.store is None or self.store.readonly:
+            return
+        try:
+            self.store.commit()
+        except sqlite3.Error as exc:
+            self._write_failed(f"state store commit failed: {exc}")
+
     def _write_failed(self, message: str) -> None:
         self.write_errors += 1
         if self.state_error != message:
@@ -529,8 +542,10 @@ class Controller:
             self.starting.discard(spec.id)
         self.put(replace(base, handle=handle))
         self.watch(spec.id, handle)
-        for hook in self.on_start:
-            hook()
+        desired_spec = agent.desired.spec if agent.desired is not None else None
+        if desired_spec is not None and (desired_spec.liveness or desired_spec.resources.memory_limit_mib):
+            for hook in self.on_start:  # only starts that need a probe or memory schedule wake the sampler
+                hook()
         verb = "Restarted" if prev is not None else "Started"
         log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb)
         self.event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
@@ -642,17 +657,19 @@ class Controller:
             await self.finish_exit(instance_id, status)
 
     async def _check_remnants(self, name: str) -> None:
-        for rec in [r for r in self.instances.values() if r.agent == name and r.state != RunState.EXITED]:
-            if rec.handle is not None and rec.id not in self.pidfds and rec.id not in self.remnants:
+        mine = self._instances_of(name)
+        for rec in mine.values():
+            if rec.state != RunState.EXITED and rec.handle is not None and rec.id not in self.pidfds \
+                    and rec.id not in self.remnants:
                 self.watch(rec.id, rec.handle)  # drift: an exit we did not hear of is heard now
-        for iid in [i for i in self.remnants if self.instances.get(i) and self.instances[i].agent == name]:
+        for iid in [i for i in mine if i in self.remnants]:
             rec = self.instances[iid]
             sup = self.supervisors[rec.supervisor]
             if rec.handle is not None and await self.call(sup, sup.alive, rec.handle):
                 await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
                 continue
             await self.finish_exit(iid, self.remnants.pop(iid))
-        for rec in [r for r in self.instances.values() if r.agent == name and r.killed and r.handle]:
+        for rec in [r for r in self._instances_of(name).values() if r.killed and r.handle]:
             sup = self.supervisors[rec.supervisor]
             if rec.handle and not await self.call(sup, sup.alive, rec.handle):
                 await self.finish_exit(rec.id, ExitStatus(None, int(signals.SIGKILL)))
@@ -693,10 +710,12 @@ class Controller:
             return
 
         def run() -> None:
-            from controller.recovery import sweep_orphans
+            from controller.recovery import sweep_orphans_soon
 
             self._sweep_handle = None
-            sweep_orphans(self)
+            task = asyncio.get_running_loop().create_task(sweep_orphans_soon(self))
+            self.exit_tasks.add(task)
+            task.add_done_callback(self.exit_tasks.discard)
 
         self._sweep_handle = asyncio.get_running_loop().call_later(1.0, run)
 
@@ -773,9 +792,10 @@ class Controller:
         return True, f"{self.git.url} at {self.git.revision}"
 
     def publish(self) -> None:
-        """Swap in a new immutable snapshot for the HTTP thread."""
+        """Commit the store's pending writes and swap in a new immutable snapshot for the HTTP thread."""
         assert self.status is not None
         self._published_at = time.monotonic()
+        self._commit()
         handles = {r.id: (r.agent, r.handle) for r in self.instances.values()
                    if r.handle is not None and r.state != RunState.EXITED}
         live = {r.agent for r in self.instances.values()}
@@ -890,27 +910,28 @@ class Controller:
             self.store.close()
 
     async def stop_all(self) -> None:
+        """--stop-agents-on-exit: every agent is stopped as if deleted. One Stop each, then the loop
+        waits on exits (pidfd) and grace deadlines; nothing is polled."""
         for agent in self.agents.values():
             agent.present = False
-        deadline = time.monotonic() + max((a.desired.spec.stop.grace_period_seconds for a in self.agents.values()
-                                           if a.desired), default=10.0) + 10.0
+        self.dirty |= set(self.agents)
+        grace = max((a.desired.spec.stop.grace_period_seconds for a in self.agents.values() if a.desired), default=10.0)
+        deadline = time.monotonic() + grace + 10.0
+        wake = self._wake or asyncio.Event()
         while any(r.state != RunState.EXITED for r in self.instances.values()) and time.monotonic() < deadline:
-            for name in list(self.agents):
-                if name not in self.tasks:
-                    try:
-                        await self._reconcile(name)
-                    except Exception as exc:  # noqa: BLE001 - one agent's error must not leave the rest running
-                        log.error("stopping %s failed: %r", name, exc)
-            if self.exit_tasks:
-                await asyncio.wait(list(self.exit_tasks), timeout=0.05)
-            else:
-                await asyncio.sleep(0.02)
+            self._due_timers(time.monotonic())
+            wake.clear()
+            self._dispatch()
+            pending: list[asyncio.Future[Any]] = [*self.tasks.values(), *self.exit_tasks]
+            waiter = asyncio.ensure_future(wake.wait())
+            timeout = min(self._next_timeout(time.monotonic()) or 1.0, 1.0, max(0.0, deadline - time.monotonic()))
+            await asyncio.wait([*pending, waiter], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        self.publish()
 
     def resync(self) -> None:
         """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by hand)."""
-        from controller.recovery import sweep_orphans
-
-        sweep_orphans(self)
+        self._request_sweep()
         self.manifests_changed = True
         for name in self.agents:
             self.dirty.add(name)

@@ -8,6 +8,7 @@ spawn and store write, a store that was lost, and processes that escaped their g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal as signals
@@ -134,11 +135,17 @@ def _mono_start(ticks: int) -> float:
     return ticks / procfs.CLK_TCK
 
 
-def sweep_orphans(ctl: Controller) -> None:
+async def sweep_orphans_soon(ctl: Controller) -> None:
+    """The /proc scan (every process's environ) runs in a worker thread; the kills in the loop."""
+    marked = await asyncio.to_thread(procfs.marked_processes, ctl.controller_id)
+    sweep_orphans(ctl, marked)
+
+
+def sweep_orphans(ctl: Controller, marked: list[procfs.Marked] | None = None) -> None:
     """Marked processes of no live run: leftovers that escaped their group (setsid), also of an
     earlier run of an instance that has since restarted."""
     live = {r.id: r for r in ctl.instances.values() if r.state != RunState.EXITED and r.handle is not None}
-    for m in procfs.marked_processes(ctl.controller_id):
+    for m in marked if marked is not None else procfs.marked_processes(ctl.controller_id):
         rec = live.get(m.instance)
         if rec is not None and (not rec.run_id or not m.run or m.run == rec.run_id):
             continue  # a process of the instance's current run (records from before run ids: all spared)

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     # the loop thread makes many short syscalls; with the default 5 ms switch interval each one
     # could wait that long for the GIL behind the status writer or an HTTP scrape
     sys.setswitchinterval(0.0005)
+    _raise_open_files()
     controller = Controller(settings)
     controller.open()
     metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))
@@ -53,6 +55,20 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _raise_open_files() -> None:
+    """Each live instance holds a pidfd: lift the soft open-file limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+    if soft < 4096:
+        log.warning("open-file limit is %d: about %d agents can be supervised (raise LimitNOFILE)", soft, soft - 64)
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,10 @@ EVENTS_KEPT = 20_000
 
 
 def record_to_json(rec: InstanceRecord) -> str:
-    return json.dumps(asdict(rec), separators=(",", ":"))
+    data = dict(rec.__dict__)
+    data["handle"] = dict(rec.handle.__dict__) if rec.handle is not None else None
+    data["last_exit"] = dict(rec.last_exit.__dict__) if rec.last_exit is not None else None
+    return json.dumps(data, separators=(",", ":"))
 
 
 def record_from_json(raw: str) -> InstanceRecord:
@@ -81,6 +84,7 @@ class Store:
         self.path = path
         self.readonly = readonly
         self.recovered_from: str | None = None
+        self._closed = False
         self.db = self._open()
         self._since_prune = 0
 
@@ -115,7 +119,21 @@ class Store:
         return db
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.readonly:
+            self.commit()
         self.db.close()
+
+    def _begin(self) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+
+    def commit(self) -> None:
+        """Writes are grouped: the reconciler commits once per loop iteration, not per statement."""
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
 
     # -- meta ---------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -123,6 +141,7 @@ class Store:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
+        self._begin()
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # -- instances ----------------------------------------------------------
@@ -136,12 +155,14 @@ class Store:
         return out
 
     def put_instance(self, rec: InstanceRecord) -> None:
+        self._begin()
         self.db.execute(
             "INSERT OR REPLACE INTO instances (id, agent, data) VALUES (?, ?, ?)",
             (rec.id, rec.agent, record_to_json(rec)),
         )
 
     def delete_instance(self, instance_id: str) -> None:
+        self._begin()
         self.db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
 
     # -- agents -------------------------------------------------------------
@@ -150,6 +171,7 @@ class Store:
         return {r[0]: AgentRow(r[0], r[1], json.loads(r[2]) if r[2] else None, r[3], r[4], r[5]) for r in rows}
 
     def put_agent(self, row: AgentRow) -> None:
+        self._begin()
         self.db.execute(
             "INSERT OR REPLACE INTO agents (name, source, manifest, spec_hash, first_seen, source_revision)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -158,14 +180,15 @@ class Store:
         )
 
     def delete_agent(self, name: str) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM agents WHERE name = ?", (name,))
+        self._begin()
+        self.db.execute("DELETE FROM agents WHERE name = ?", (name,))
 
     # -- counters -----------------------------------------------------------
     def counters(self) -> dict[tuple[str, str], int]:
         return {(a, r): v for a, r, v in self.db.execute("SELECT agent, reason, value FROM counters")}
 
     def bump_counter(self, agent: str, reason: str) -> None:
+        self._begin()
         self.db.execute(
             "INSERT INTO counters (agent, reason, value) VALUES (?, ?, 1)"
             " ON CONFLICT (agent, reason) DO UPDATE SET value = value + 1",
@@ -173,10 +196,12 @@ class Store:
         )
 
     def drop_counters(self, agent: str) -> None:
+        self._begin()
         self.db.execute("DELETE FROM counters WHERE agent = ?", (agent,))
 
     # -- events -------------------------------------------------------------
     def add_event(self, ev: Event) -> None:
+        self._begin()
         self.db.execute(
             "INSERT INTO events (at, agent, instance, type, reason, message) VALUES (?, ?, ?, ?, ?, ?)",
             (ev.at, ev.agent, ev.instance, ev.type, ev.reason, ev.message),

@@ -140,6 +140,7 @@ def test_healthy_database_is_not_moved_aside(tmp_path: Path) -> None:
 
 def test_read_only_store_reads_but_cannot_write(tmp_path: Path, store: Store) -> None:
     store.put_instance(FULL)
+    store.commit()  # the reconciler commits once per loop iteration; readers see committed writes
     ro = open_readonly(tmp_path)
     assert ro is not None
     try:
