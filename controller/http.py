@@ -16,7 +16,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from controller.metrics import Metrics, SnapshotView
 
@@ -47,7 +47,7 @@ def route(path: str, snap: SnapshotView, metrics: Metrics) -> Response:
     path = path.rstrip("/") or "/"
     if path == "/metrics":
         # 0.0.4 rather than the newest text format: every Prometheus (and promtool) reads it.
-        return 200, generate_latest(metrics.registry), CONTENT_TYPE_PLAIN_0_0_4
+        return 200, metrics.render(), CONTENT_TYPE_PLAIN_0_0_4
     if path == "/healthz":
         return 200, b"ok\n", "text/plain; charset=utf-8"
     if path == "/readyz":

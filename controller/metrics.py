@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -110,20 +110,24 @@ class Usage:
 class AgentCollector(Collector):
     """Per-agent series of §5, rebuilt from the snapshot at every scrape."""
 
-    def __init__(self, snapshot: Callable[[], SnapshotView], usage: Usage) -> None:
+    def __init__(self, snapshot: Callable[[], SnapshotView], usage: Usage, *, part: str = "all") -> None:
         self.snapshot = snapshot
         self.usage = usage
+        self.part = part  # "all", "snapshot" (what only changes with the snapshot) or "usage"
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
         names = sorted(snap.statuses)
-        yield from self._status_families(snap, names)
-        yield self._restarts(snap, names)
-        yield self._last_exit(snap, names)
-        yield self._start_times(snap, names)
-        yield from self._usage(snap, names)
-        yield self._manifests(snap)
-        yield from self._controller(snap)
+        if self.part in ("all", "snapshot"):
+            yield from self._status_families(snap, names)
+            yield self._restarts(snap, names)
+            yield self._last_exit(snap, names)
+            yield self._start_times(snap, names)
+        if self.part in ("all", "usage"):
+            yield from self._usage(snap, names)
+        if self.part in ("all", "snapshot"):
+            yield self._manifests(snap)
+            yield from self._controller(snap)
 
     @staticmethod
     def _status_families(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
@@ -268,10 +272,30 @@ class Metrics:
 
     def __init__(self, snapshot: Callable[[], SnapshotView], queue_depth: Callable[[], float], *,
                  usage: Usage | None = None) -> None:
+        usage = usage or Usage()
+        self.snapshot = snapshot
         self.registry = CollectorRegistry(auto_describe=False)
         self.loop = LoopCollector(queue_depth)
-        self.registry.register(AgentCollector(snapshot, usage or Usage()))
+        self.registry.register(AgentCollector(snapshot, usage))
         self.registry.register(self.loop)
+        # render(): the snapshot's families are rendered once per snapshot, the rest per scrape
+        self._by_snapshot = CollectorRegistry(auto_describe=False)
+        self._by_snapshot.register(AgentCollector(snapshot, usage, part="snapshot"))
+        self._per_scrape = CollectorRegistry(auto_describe=False)
+        self._per_scrape.register(AgentCollector(snapshot, usage, part="usage"))
+        self._per_scrape.register(self.loop)
+        self._cache_lock = threading.Lock()
+        self._cached: tuple[object, bytes] | None = None
+
+    def render(self) -> bytes:
+        """The text exposition. A snapshot is immutable, so its part is rendered once: a scrape of
+        1000 idle agents then costs the usage and loop series only."""
+        snap = self.snapshot()
+        with self._cache_lock:
+            if self._cached is None or self._cached[0] is not snap:
+                self._cached = (snap, generate_latest(self._by_snapshot))
+            static = self._cached[1]
+        return static + generate_latest(self._per_scrape)
 
     def observe(self, result: str, seconds: float) -> None:
         self.loop.observe(result, seconds)

@@ -17,7 +17,7 @@ from controller.reconciler import Controller
 
 log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
-STEP_MS = 5  # quiet time that ends a burst
+STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread wakes (idle CPU)
 
 
 def _relevant(root: Path, requests: Path) -> watchfiles.BaseFilter:
