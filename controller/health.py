@@ -23,7 +23,8 @@ from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
 log = logging.getLogger("agentctl.health")
-ROTATE_EVERY = 2.0  # a stat per live log file: cheap, and bounds a fast writer to ~2 s of output past maxBytes
+ROTATE_EVERY = 2.0  # the fastest a log is re-checked: bounds a fast writer to ~2 s of output past maxBytes
+QUIET_LOG_RECHECK = 60.0  # the slowest: a log that did not grow
 MEMORY_EVERY = 0.5
 MAX_PERIOD = 5.0
 MIN_WAIT = 0.02
@@ -46,6 +47,8 @@ class Health:
     controller: Controller
     probes: dict[str, ProbeState] = field(default_factory=dict)
     last_rotate: float = float("-inf")
+    _next_rotate: dict[str, float] = field(default_factory=dict)  # instance -> when to look at its log again
+    _last_size: dict[str, tuple[int, float]] = field(default_factory=dict)  # instance -> (size, when)
     next_memory: float = float("-inf")
     # set by a finished probe: its result may call for the next one sooner than any timer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,7 +61,7 @@ class Health:
         live = self.live()
         if now - self.last_rotate >= ROTATE_EVERY:
             self.last_rotate = now
-            self._rotate(live)
+            self._rotate(live, now)
         waits = [MAX_PERIOD, self.last_rotate + ROTATE_EVERY - now]
         waits.append(self._memory(live, now))
         waits.append(self._liveness(live, now))
@@ -82,17 +85,35 @@ class Health:
                 and now.health is None)
 
     # -- log rotation ---------------------------------------------------------
-    def _rotate(self, live: list[InstanceRecord]) -> None:
+    def _rotate(self, live: list[InstanceRecord], now: float) -> None:
+        """A log is looked at again sooner the faster it fills: a fast writer every ROTATE_EVERY
+        seconds, a quiet agent about once a minute (a stat per live log each time)."""
         for rec in live:
             spec = self._spec(rec)
-            if spec is None:
+            if spec is None or self._next_rotate.get(rec.id, 0.0) > now:
                 continue
             limits = spec.logs
+            path = self.controller.log_path(rec.id)
             try:
-                if logfiles.rotate_if_needed(self.controller.log_path(rec.id), limits.max_bytes, limits.backups):
-                    log.info("%s log rotated (over %d bytes)", rec.id, limits.max_bytes)
+                rotated = logfiles.rotate_if_needed(path, limits.max_bytes, limits.backups)
+                size = logfiles.size(path)
             except OSError as exc:
                 log.error("%s log rotation failed: %s", rec.id, exc)
+                continue
+            if rotated:
+                log.info("%s log rotated (over %d bytes)", rec.id, limits.max_bytes)
+                self._last_size.pop(rec.id, None)  # a fast writer: learn its rate again, soon
+            before = self._last_size.get(rec.id)
+            rate = max(0.0, size - before[0]) / max(now - before[1], 1e-3) if before else None
+            headroom = max(0, limits.max_bytes - size)
+            # no rate yet: look again soon to learn it; a log that did not grow: about once a minute
+            wait = ROTATE_EVERY if rate is None else headroom / rate / 2 if rate > 0 else QUIET_LOG_RECHECK
+            self._last_size[rec.id] = (size, now)
+            self._next_rotate[rec.id] = now + min(max(wait, ROTATE_EVERY), QUIET_LOG_RECHECK)
+        gone = set(self._next_rotate) - {r.id for r in live}
+        for iid in gone:
+            self._next_rotate.pop(iid, None)
+            self._last_size.pop(iid, None)
 
     # -- memory ---------------------------------------------------------------
     def _memory(self, live: list[InstanceRecord], now: float) -> float:

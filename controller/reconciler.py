@@ -118,6 +118,7 @@ class Controller:
         self.locks: dict[str, asyncio.Lock] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.exit_tasks: set[asyncio.Task[None]] = set()
+        self.background: set[asyncio.Task[None]] = set()  # sweeps: not part of quiet()
         self.starting: set[str] = set()  # instance ids whose supervisor start is in flight
         self.pidfds: dict[str, int] = {}
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
@@ -636,7 +637,16 @@ class Controller:
         self._unwatch(instance_id)
         task = asyncio.get_running_loop().create_task(self._on_exit(instance_id))
         self.exit_tasks.add(task)
-        task.add_done_callback(self.exit_tasks.discard)
+        task.add_done_callback(self._exit_done)
+
+    def _exit_done(self, task: asyncio.Task[None]) -> None:
+        self.exit_tasks.discard(task)
+        self.wake()  # an idle loop waiting with no timer must see that quiet() may hold now
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self.background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
 
     async def _on_exit(self, instance_id: str) -> None:
         rec = self.instances.get(instance_id)
@@ -714,8 +724,8 @@ class Controller:
 
             self._sweep_handle = None
             task = asyncio.get_running_loop().create_task(sweep_orphans_soon(self))
-            self.exit_tasks.add(task)
-            task.add_done_callback(self.exit_tasks.discard)
+            self.background.add(task)
+            task.add_done_callback(self._background_done)
 
         self._sweep_handle = asyncio.get_running_loop().call_later(1.0, run)
 
@@ -930,8 +940,9 @@ class Controller:
         self.publish()
 
     def resync(self) -> None:
-        """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by hand)."""
-        self._request_sweep()
+        """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by hand).
+        No orphan sweep here: orphans come from exits, which are swept a second later, and from a
+        previous controller's life, which startup recovery covers."""
         self.manifests_changed = True
         for name in self.agents:
             self.dirty.add(name)
