@@ -13,21 +13,32 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 ENV_KEY_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 LABEL_KEY_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,251}[A-Za-z0-9])?$"
 LABEL_KEY = re.compile(LABEL_KEY_RE)
+NAME = re.compile(NAME_RE)
 
 # Bounds that keep a hostile file from costing unbounded time or memory.
 MAX_DOCUMENTS = 1000
 MAX_NODES = 100_000  # per document, counting every alias expansion
 MAX_DEPTH = 64
+# paths whose line a valid document keeps: what loader.resolve_doc and duplicate names report
+KEPT_LINES = frozenset({("spec", "cwd"), ("spec", "envFiles"), ("spec", "provider"), ("metadata", "name")})
 
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-NoNulStr = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+def _no_nul(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("NUL bytes are not allowed")
+    return value
+
+
+# a Python check: as a pydantic pattern, a negated class compiles to a Unicode regex of
+# megabytes, once per field that uses it
+NoNulStr = Annotated[str, AfterValidator(_no_nul)]
 
 
 class Strict(BaseModel):
@@ -35,8 +46,17 @@ class Strict(BaseModel):
 
 
 class Metadata(Strict):
-    name: Annotated[str, Field(pattern=NAME_RE, max_length=63)]
-    labels: dict[Annotated[str, Field(max_length=253)], str] = Field(default_factory=dict)
+    name: Annotated[str, Field(max_length=63, json_schema_extra={"pattern": NAME_RE})]
+    labels: dict[Annotated[str, Field(max_length=253, json_schema_extra={"pattern": LABEL_KEY_RE})], str] = Field(
+        default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # Python's re again: pydantic-core compiles the {0,61} repeat into a 4 MiB regex
+        if not NAME.match(value):
+            raise ValueError(f"String should match pattern '{NAME_RE}'")
+        return value
 
     @field_validator("labels")
     @classmethod
@@ -338,7 +358,10 @@ def parse_text(text: str, file: str) -> tuple[list[ParsedDocument], list[Manifes
             errors.append(ManifestError(file, line, "a manifest must be a mapping (apiVersion, kind, metadata, spec)"))
             continue
         try:
-            docs.append(ParsedDocument(AgentManifest.model_validate(data), line, lines))
+            manifest = AgentManifest.model_validate(data)
+            # a valid document keeps only the lines that later checks can report (cwd, envFiles...)
+            kept = {k: v for k, v in lines.items() if k[:2] in KEPT_LINES}
+            docs.append(ParsedDocument(manifest, line, kept))
         except ValidationError as exc:
             errors.extend(_errors_of(exc, file, lines, line, _name_of(data)))
     return docs, errors

@@ -55,7 +55,8 @@ def test_valid_multi_document_file_yields_every_agent_with_its_line() -> None:
     reviewer, writer = (d.manifest for d in docs)
     assert reviewer.spec.replicas == 2 and reviewer.metadata.labels == {"team": "infra"}
     assert writer.spec.provider == "claude" and writer.spec.stop.grace_period_seconds == 0
-    assert docs[1].line_of("spec", "liveness") == 19
+    # a valid document keeps the lines later checks report (provider, cwd, envFiles, name)
+    assert (docs[1].line_of("spec", "provider"), docs[1].line_of("metadata", "name")) == (16, 14)
 
 
 def test_omitted_fields_get_the_contract_defaults() -> None:
