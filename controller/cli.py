@@ -7,7 +7,6 @@ Entry layer: builds Settings, starts the runtime for `run`, and reads the state 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fcntl
 import json
 import logging

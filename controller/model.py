@@ -39,11 +39,6 @@ class ExitReason(StrEnum):
     NOT_PLACED = "NotPlaced"
 
 
-# Reasons whose stop was asked for by a health policy or a person: the exit that
-# follows is counted as a restart (CONTRACT §4 `restarts`).
-COUNTED_STOP_REASONS = frozenset(
-    {ExitReason.LIVENESS_FAILED, ExitReason.MEMORY_LIMIT_EXCEEDED, ExitReason.MANUAL_RESTART}
-)
 # Stops after which the slot is started again at once, without backoff.
 RESTART_NOW_REASONS = frozenset(
     {ExitReason.SPEC_CHANGED, ExitReason.MANUAL_RESTART}

@@ -148,7 +148,6 @@ def _plan_slot(b: _Builder, view: AgentView, desired: DesiredAgent, inst: Instan
 
 def _plan_exited(b: _Builder, view: AgentView, desired: DesiredAgent, inst: InstanceSpec,
                  rec: InstanceRecord) -> None:
-    spec = desired.spec
     last = rec.last_exit
     if rec.spec_hash != inst.spec_hash:
         # EXITED/BACKOFF/FAILED -> STARTING: a new spec starts afresh, counters reset

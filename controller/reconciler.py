@@ -24,7 +24,6 @@ from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
 from controller.manifests import AgentManifest, ParsedDocument
 from controller.model import (
-    COUNTED_STOP_REASONS,
     ExitInfo,
     ExitReason,
     Finish,

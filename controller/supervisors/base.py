@@ -7,10 +7,14 @@ branches on the adapter kind; the planner never sees an adapter at all.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from controller import procfs
 from controller.model import Handle, InstanceSpec
 
 
@@ -67,3 +71,36 @@ class Supervisor(Protocol):
 
     def cleanup(self, handle: Handle) -> None:
         """Release what the instance left behind once no process of it lives (tmux session...)."""
+
+
+def signal_group(handle: Handle, sig: int) -> None:
+    """sig to the instance's process group, and to its leader if it left that group (setpgid)."""
+    try:
+        os.killpg(handle.pgid, sig)
+    except ProcessLookupError:
+        pass
+    if handle.pgid != handle.pid and procfs.is_live(handle.pid, handle.start_ticks):
+        try:
+            os.kill(handle.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def group_alive(handle: Handle) -> bool:
+    """The leader (same start time) or any non-zombie member of its group still runs."""
+    return procfs.is_live(handle.pid, handle.start_ticks) or bool(procfs.live_group_members(handle.pgid))
+
+
+class CachedCheck:
+    """An availability check that runs a command: asked on every reconcile, run every `ttl` seconds."""
+
+    def __init__(self, check: Callable[[], str | None], ttl: float = 30.0) -> None:
+        self.check = check
+        self.ttl = ttl
+        self._last: tuple[float, str | None] | None = None
+
+    def __call__(self) -> str | None:
+        now = time.monotonic()
+        if self._last is None or now - self._last[0] > self.ttl:
+            self._last = (now, self.check())
+        return self._last[1]

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from controller import procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import Context, ExitStatus, SupervisorError
+from controller.supervisors.base import Context, ExitStatus, SupervisorError, group_alive, signal_group
 
 
 def spawn_env(spec: InstanceSpec) -> dict[str, str]:
@@ -69,22 +69,11 @@ class ProcessSupervisor:
         return self._devnull
 
     def signal(self, handle: Handle, sig: int) -> None:
-        try:
-            os.killpg(handle.pgid, sig)
-        except ProcessLookupError:
-            pass
-        # a leader that left its group (setpgid) still gets the signal
-        if handle.pgid != handle.pid and procfs.is_live(handle.pid, handle.start_ticks):
-            try:
-                os.kill(handle.pid, sig)
-            except ProcessLookupError:
-                pass
+        signal_group(handle, sig)
 
     def alive(self, handle: Handle) -> bool:
         self._reap(handle.pid)
-        if procfs.is_live(handle.pid, handle.start_ticks):
-            return True
-        return bool(procfs.live_group_members(handle.pgid))
+        return group_alive(handle)
 
     def adopt(self, handle: Handle) -> bool:
         return procfs.is_live(handle.pid, handle.start_ticks)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from controller import procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import Context, ExitStatus, SupervisorError
+from controller.supervisors.base import CachedCheck, Context, ExitStatus, SupervisorError
 from controller.supervisors.process import open_log, spawn_env
 
 SYSTEMD_RUN = "systemd-run"
@@ -244,13 +244,7 @@ class SystemdSupervisor:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._reason: tuple[float, str | None] | None = None
-
-    def unavailable_reason(self) -> str | None:
-        now = time.monotonic()
-        if self._reason is None or now - self._reason[0] > CACHE_SECONDS:
-            self._reason = (now, systemd_problem())
-        return self._reason[1]
+        self.unavailable_reason = CachedCheck(systemd_problem, CACHE_SECONDS)
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         env = spawn_env(spec)

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from controller import procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import Context, ExitStatus, SupervisorError
+from controller.supervisors.base import CachedCheck, Context, ExitStatus, SupervisorError, group_alive, signal_group
 from controller.supervisors.process import open_log, spawn_env
 
 TMUX = "tmux"
@@ -274,13 +274,7 @@ class TmuxSupervisor:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._reason: tuple[float, str | None] | None = None
-
-    def unavailable_reason(self) -> str | None:
-        now = time.monotonic()
-        if self._reason is None or now - self._reason[0] > CACHE_SECONDS:
-            self._reason = (now, tmux_problem())
-        return self._reason[1]
+        self.unavailable_reason = CachedCheck(tmux_problem, CACHE_SECONDS)
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         spec = replace(spec, cwd=os.path.abspath(spec.cwd))
@@ -301,20 +295,10 @@ class TmuxSupervisor:
         return Handle(pid=pane.pid, pgid=pane.pid, start_ticks=ticks or 0, unit=session)
 
     def signal(self, handle: Handle, sig: int) -> None:
-        try:
-            os.killpg(handle.pgid, sig)
-        except ProcessLookupError:
-            pass
-        if handle.pgid != handle.pid and procfs.is_live(handle.pid, handle.start_ticks):
-            try:
-                os.kill(handle.pid, sig)
-            except ProcessLookupError:
-                pass
+        signal_group(handle, sig)
 
     def alive(self, handle: Handle) -> bool:
-        if procfs.is_live(handle.pid, handle.start_ticks):
-            return True
-        return bool(procfs.live_group_members(handle.pgid))
+        return group_alive(handle)
 
     def adopt(self, handle: Handle) -> bool:
         pane = read_pane(self.ctx, handle.unit)
