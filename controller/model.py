@@ -37,6 +37,7 @@ class ExitReason(StrEnum):
     SUSPENDED = "Suspended"
     SCALED_DOWN = "ScaledDown"
     NOT_PLACED = "NotPlaced"
+    CONTROLLER_STOPPED = "ControllerStopped"  # agentctl run --stop-agents-on-exit
 
 
 # Stops after which the slot is started again at once, without backoff.

@@ -32,7 +32,7 @@ from controller.model import (
 
 
 _OUR_OWN_STOPS = frozenset({ExitReason.SUSPENDED, ExitReason.SCALED_DOWN, ExitReason.MANIFEST_DELETED,
-                            ExitReason.NOT_PLACED})
+                            ExitReason.NOT_PLACED, ExitReason.CONTROLLER_STOPPED})
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ def _retire(b: _Builder, rec: InstanceRecord, reason: str, signal: int, grace: f
         b.at(b.now + grace)
     elif rec.state == RunState.STOPPING:
         _stopping(b, rec)
+    elif reason == ExitReason.CONTROLLER_STOPPED:
+        # EXITED stays recorded: the manifest stands, the next controller starts it again
+        b.actions.append(Wait(rec.id, reason))
     else:
         # EXITED -> (gone)
         b.actions.append(Forget(rec.id))

@@ -68,10 +68,18 @@ class AgentState:
     source_revision: str | None = None
     loaded: Loaded | None = None  # what desired was computed from (identity: unchanged input)
 
+    halted: bool = False  # the controller is stopping and takes its agents with it
+
     @property
     def target(self) -> DesiredAgent | None:
-        """What should run here: nothing once deleted or placed elsewhere."""
-        return self.desired if self.present and self.placed else None
+        """What should run here: nothing once deleted, placed elsewhere, or halted."""
+        return self.desired if self.present and self.placed and not self.halted else None
+
+    @property
+    def gone_reason(self) -> str:
+        if self.halted:
+            return ExitReason.CONTROLLER_STOPPED
+        return ExitReason.NOT_PLACED if self.present and not self.placed else ExitReason.MANIFEST_DELETED
 
 
 @dataclass(frozen=True)
@@ -377,7 +385,7 @@ class Controller:
             agent.name,
             target,
             self._instances_of(agent.name),
-            gone_reason=ExitReason.NOT_PLACED if agent.present and not agent.placed else ExitReason.MANIFEST_DELETED,
+            gone_reason=agent.gone_reason,
             unavailable=unavailable,
             last_signal=last.stop_signal if last else signals.SIGTERM,
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
@@ -922,7 +930,7 @@ class Controller:
         """--stop-agents-on-exit: every agent is stopped as if deleted. One Stop each, then the loop
         waits on exits (pidfd) and grace deadlines; nothing is polled."""
         for agent in self.agents.values():
-            agent.present = False
+            agent.halted = True  # its manifest still stands: it ends Stopped, not deleted
         self.dirty |= set(self.agents)
         grace = max((a.desired.spec.stop.grace_period_seconds for a in self.agents.values() if a.desired), default=10.0)
         deadline = time.monotonic() + grace + 10.0
@@ -936,7 +944,17 @@ class Controller:
             timeout = min(self._next_timeout(time.monotonic()) or 1.0, 1.0, max(0.0, deadline - time.monotonic()))
             await asyncio.wait([*pending, waiter], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+        await self._settle(deadline)  # the exits just recorded reach the status files
         self.publish()
+
+    async def _settle(self, deadline: float) -> None:
+        """Reconcile everything once more and wait for it (and for exit handling) to finish."""
+        if self.exit_tasks:
+            await asyncio.wait(list(self.exit_tasks), timeout=max(0.0, deadline - time.monotonic()))
+        self.dirty |= set(self.agents)
+        self._dispatch()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=max(0.1, deadline - time.monotonic()))
 
     def resync(self) -> None:
         """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by hand).

@@ -455,6 +455,15 @@ def test_stop_agents_on_exit_stops_them(ctl: Controller) -> None:
     assert ctl.stop(signal.SIGTERM) == 0, ctl.log()[-3000:]
     assert not any(pid_alive(p) for p in pids)
     assert marked_pids(cid or "?") == []
+    # the manifests still stand: the agents read as Stopped, with the reason, not as deleted
+    for name in ("go", "go-too"):
+        doc = ctl.status(name)
+        assert doc is not None and doc["phase"] == "Stopped", doc
+        assert {i["lastExit"]["reason"] for i in doc["instances"]} == {"ControllerStopped"}
+    # and the next controller starts them again at once, without counting a restart
+    ctl.start()
+    doc = ctl.wait_status("go-too", lambda d: d["phase"] == "Running" and d["replicas"]["ready"] == 2, DEADLINE)
+    assert doc["restarts"] == 0
 
 
 # `sh` execs `sleep` with SIGTERM still ignored: a tiny process, so that a SIGKILL is over at once

@@ -20,7 +20,7 @@ from controller.model import (
     Wait,
 )
 from controller.planner import AgentView, plan_agent
-from tests.unit.builders import desired, exited, running, stopping
+from tests.unit.builders import desired, exit_info, exited, running, stopping
 
 NOW = 10_000.0  # the fake monotonic clock
 SIGTERM, SIGINT = 15, 2
@@ -407,3 +407,12 @@ def test_switching_to_an_unavailable_supervisor_keeps_the_old_instance_running()
     plan = plan_agent(AgentView(agent.name, agent, {old.id: old}, unavailable="tmux is not installed"), NOW)
     assert not [a for a in plan.actions if isinstance(a, (Stop, Start, Kill))]
     assert plan.pending_reason == "SupervisorUnavailable"
+
+
+def test_instance_stopped_with_the_controller_keeps_its_record_and_starts_uncounted_next_time() -> None:
+    agent = desired()
+    rec = exited(agent.instances[0], last_exit=exit_info(ExitReason.CONTROLLER_STOPPED, code=None))
+    halted = plan_agent(AgentView(agent.name, None, {rec.id: rec}, gone_reason=ExitReason.CONTROLLER_STOPPED), NOW)
+    assert not [a for a in halted.actions if isinstance(a, Forget)]
+    again = plan_agent(AgentView(agent.name, agent, {rec.id: rec}), NOW)
+    assert [(type(a), a.counts_as_restart) for a in again.actions if isinstance(a, Start)] == [(Start, False)]
