@@ -89,6 +89,18 @@ def stop_servers(ctx: Context, servers: set[int]) -> None:
         reap(pid)
 
 
+
+def assert_exit(rig: "Rig", adapter: tmux.TmuxSupervisor, handle: Handle, expected: ExitStatus) -> None:
+    """exit_status reports what tmux recorded. tmux 3.3a, on a loaded host, now and then marks a
+    pane dead without ever recording its status (no pane_dead_status, no pane_dead_time); the
+    adapter must then say "unknown" (the controller records Lost), never guess."""
+    got = adapter.exit_status(handle)
+    if got == ExitStatus(None, None):
+        pane = tmux.read_pane(rig.ctx, handle.unit)
+        assert pane is not None and pane.dead and pane.status is None and pane.signal is None, (pane, expected)
+        return
+    assert got == expected
+
 def test_tmux_is_available_here(rig: Rig) -> None:
     assert rig.adapter.unavailable_reason() is None
 
@@ -102,7 +114,7 @@ def test_socket_lives_in_the_state_dir(rig: Rig) -> None:
 def test_output_printed_at_once_reaches_the_log(rig: Rig) -> None:
     handle = rig.start("import sys; print('first words'); sys.stderr.write('on stderr\\n')")
     wait_for(lambda: rig.gone(handle))
-    assert rig.adapter.exit_status(handle) == ExitStatus(0, None)
+    assert_exit(rig, rig.adapter, handle, ExitStatus(0, None))
     rig.adapter.cleanup(handle)  # closes the pipe: `cat` writes what it still holds
     wait_for(lambda: "on stderr" in rig.log_text())
     assert "first words" in rig.log_text()
@@ -160,14 +172,14 @@ def test_env_cwd_and_argv_are_applied_verbatim(rig: Rig, monkeypatch: pytest.Mon
 def test_exit_code_is_reported(rig: Rig) -> None:
     handle = rig.start("import sys; sys.exit(3)")
     wait_for(lambda: rig.gone(handle))
-    assert rig.adapter.exit_status(handle) == ExitStatus(3, None)
+    assert_exit(rig, rig.adapter, handle, ExitStatus(3, None))
 
 
 def test_death_by_signal_is_reported_as_the_signal(rig: Rig) -> None:
     handle = rig.start(SLEEP)
     rig.adapter.signal(handle, signal.SIGTERM)
     wait_for(lambda: rig.gone(handle))
-    assert rig.adapter.exit_status(handle) == ExitStatus(None, signal.SIGTERM)
+    assert_exit(rig, rig.adapter, handle, ExitStatus(None, signal.SIGTERM))
 
 
 def test_sigkill_ends_a_process_that_ignores_sigterm(rig: Rig) -> None:
@@ -184,7 +196,7 @@ def test_sigkill_ends_a_process_that_ignores_sigterm(rig: Rig) -> None:
     assert rig.adapter.alive(handle)
     rig.adapter.signal(handle, signal.SIGKILL)
     wait_for(lambda: rig.gone(handle))
-    assert rig.adapter.exit_status(handle) == ExitStatus(None, signal.SIGKILL)
+    assert_exit(rig, rig.adapter, handle, ExitStatus(None, signal.SIGKILL))
 
 
 def test_grandchild_in_the_group_keeps_the_instance_alive_until_the_group_is_killed(rig: Rig) -> None:
@@ -213,7 +225,7 @@ def test_adopt_after_a_controller_restart(rig: Rig) -> None:
     fresh.signal(handle, signal.SIGKILL)
     wait_for(lambda: rig.gone(handle))
     assert not fresh.adopt(handle)
-    assert fresh.exit_status(handle) == ExitStatus(None, signal.SIGKILL)  # tmux kept it
+    assert_exit(rig, fresh, handle, ExitStatus(None, signal.SIGKILL))  # tmux kept it (or never had it)
 
 
 def test_capture_returns_the_screen(rig: Rig) -> None:
