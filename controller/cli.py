@@ -128,8 +128,6 @@ def load_config(path: str | None) -> ConfigFile:
     except ValidationError as exc:
         lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)]
         raise UsageError("\n".join(lines)) from exc
-    if cfg.env_errors():
-        raise UsageError("\n".join(f"{path}: {e}" for e in cfg.env_errors()))
     return cfg
 
 

@@ -46,6 +46,22 @@ def read_stat(pid: int) -> Stat | None:
     )
 
 
+def zombie_status(pid: int, ticks: int) -> tuple[int | None, int | None] | None:
+    """(exit code, signal) of a zombie not reaped yet, from /proc/<pid>/stat field 52 (the wait
+    status, Linux >= 3.5); None unless pid is that process (same start ticks) and a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            rest = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    if len(rest) < 50 or rest[0] != b"Z" or int(rest[19]) != ticks:
+        return None
+    status = int(rest[49])
+    if status & 0x7F == 0:
+        return (status >> 8) & 0xFF, None
+    return None, status & 0x7F
+
+
 def start_ticks(pid: int) -> int | None:
     stat = read_stat(pid)
     return stat.start_ticks if stat else None

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from controller.manifests import ENV_KEY_RE
+from controller.manifests import ENV_KEY_RE, NoNulStr
 
 
 class GitSource(BaseModel):
@@ -23,11 +23,14 @@ class GitSource(BaseModel):
     interval: float = Field(30.0, gt=0)
 
 
+EnvKey = Annotated[str, Field(pattern=ENV_KEY_RE)]
+
+
 class ProviderConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    executable: str | None = None
-    args: list[str] | None = None
-    env: dict[str, str] | None = None
+    executable: NoNulStr | None = None
+    args: list[NoNulStr] | None = None
+    env: dict[EnvKey, NoNulStr] | None = None
 
 
 class GitWrapper(BaseModel):
@@ -56,7 +59,7 @@ class ConfigFile(BaseModel):
     git_ref: str | None = Field(None, alias="gitRef")
     git_path: str | None = Field(None, alias="gitPath")
     git_interval: float | None = Field(None, gt=0, alias="gitInterval")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[EnvKey, NoNulStr] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
 
     def git_source(self) -> GitSource | None:
@@ -65,11 +68,6 @@ class ConfigFile(BaseModel):
         if isinstance(self.manifests, GitSource):
             return self.manifests
         return self.git
-
-    def env_errors(self) -> list[str]:
-        import re
-
-        return [f"env: invalid variable name {k!r}" for k in self.env if not re.match(ENV_KEY_RE, k)]
 
 
 class Settings(BaseModel):

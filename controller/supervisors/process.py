@@ -53,8 +53,9 @@ class ProcessSupervisor:
                 start_new_session=True,
                 close_fds=True,
             )
-        except OSError as exc:
-            raise SupervisorError(f"cannot start {spec.argv[0]!r}: {exc.strerror or exc}", retryable=False) from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a bad env name slipped through
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise SupervisorError(f"cannot start {spec.argv[0]!r}: {message}", retryable=False) from exc
         finally:
             os.close(fd)
         self._children[child.pid] = child

@@ -315,7 +315,15 @@ class TmuxSupervisor:
                 return ExitStatus(None, None)
             # tmux may mark the pane dead (pty closed) a moment before it has the exit status
             known = pane.dead and (pane.status is not None or pane.signal is not None)
-            if known or time.monotonic() >= deadline:
+            if known:
+                return pane_exit(pane)
+            # Debian's tmux links libutempter, which sets SIGCHLD to SIG_DFL while its helper runs
+            # (tmux/tmux#311): a SIGCHLD landing then is lost, and the pane's process stays an
+            # unreaped zombie, whose wait status the kernel still shows
+            zombie = procfs.zombie_status(handle.pid, handle.start_ticks) if pane.dead else None
+            if zombie is not None:
+                return ExitStatus(*zombie)
+            if time.monotonic() >= deadline:
                 return pane_exit(pane)
             time.sleep(0.01)
 
