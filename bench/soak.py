@@ -46,8 +46,6 @@ Exit status 0 if every verdict is good, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import http.client
 import json
 import os
 import random
@@ -58,9 +56,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
 from types import FrameType
 from typing import Any
+
+# the /proc, HTTP and reaping helpers are the benchmark's own (same directory, so on sys.path)
+from run import become_subreaper, children, http_get, is_alive, log, reap, rss_mib, stat_fields
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -91,26 +91,9 @@ class HardCap(BaseException):
     pass
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------
 # /proc
 # --------------------------------------------------------------------------
-
-def stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    return s[s.rfind(")") + 2:].split()
-
-
-def is_alive(pid: int) -> bool:
-    st = stat_fields(pid)
-    return st is not None and bool(st) and st[0] not in ("Z", "X", "x")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -118,37 +101,11 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(st[11]) + int(st[12])) / CLK_TCK if st is not None else None
 
 
-def rss_mib(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def count_dir(path: str) -> int | None:
     try:
         return len(os.listdir(path))
     except OSError:
         return None
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-        except OSError:
-            pass
-    return out
 
 
 def zombies_among_children(pid: int) -> list[int]:
@@ -177,32 +134,6 @@ def marked(controller_id: str) -> dict[int, str]:
                      if i.startswith(b"AGENTCTL_INSTANCE=")), "?")
         out[int(ent)] = inst
     return out
-
-
-def become_subreaper() -> bool:
-    try:
-        return bool(ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def reap(pids: Iterable[int]) -> None:
-    """waitpid only the given pids (agents re-parented to us), never -1."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except (ChildProcessError, OSError):
-            pass
-
-
-def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def dir_bytes(path: str) -> tuple[int, int, list[str]]:
