@@ -135,7 +135,6 @@ class Controller:
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._published_at = 0.0
         self._logged_file_errors: set[str] = set()
-        self.actions_in_pass = 0
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
         self.ready = False
         self.stopping = False
@@ -454,7 +453,6 @@ class Controller:
         return fn(*args)
 
     async def _apply(self, agent: AgentState, action: Any) -> None:
-        self.actions_in_pass += not isinstance(action, Wait)
         if isinstance(action, Start):
             await self._start(agent, action)
         elif isinstance(action, Stop):
