@@ -36,7 +36,6 @@ from controller.model import (
     Schedule,
     Start,
     Stop,
-    Wait,
 )
 from controller.planner import AgentView, agent_phase, plan_agent
 from controller.providers import Preset, merge_presets
