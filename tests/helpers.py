@@ -53,6 +53,23 @@ def sleeper(text: str = "up") -> list[str]:
     return py(f"import time\nprint({text!r}, flush=True)\nwhile True: time.sleep(1)")
 
 
+def log_text(ctl: "Controller", instance: str) -> str:
+    """The instance's log as the controller wrote it ("" before it exists)."""
+    try:
+        return (ctl.state / "logs" / f"{instance}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_log(ctl: "Controller", instance: str, needle: str, timeout: float = 30.0) -> str:
+    def found() -> str | None:
+        text = log_text(ctl, instance)
+        return text if needle in text else None
+    text = wait_for(found, timeout, message=f"{needle!r} in the log of {instance}")
+    assert text is not None
+    return text
+
+
 def pid_alive(pid: int) -> bool:
     """Alive and not a zombie."""
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import PY, Controller, pid_alive, py, sleeper, wait_for
+from tests.helpers import PY, Controller, log_text, pid_alive, py, sleeper, wait_for
 
 DEADLINE = 30.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +44,6 @@ def running_pid(ctl: Controller, name: str) -> int:
     doc = ctl.wait_status(name, lambda d: d.get("phase") == "Running" and bool(d["instances"])
                           and bool(d["instances"][0].get("pid")), DEADLINE, f"{name} Running")
     return int(doc["instances"][0]["pid"])
-
-
-def log_text(ctl: Controller, instance: str) -> str:
-    try:
-        return (ctl.state / "logs" / f"{instance}.log").read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def write_manifest(path: Path, name: str, *extra_spec_lines: str) -> Path:

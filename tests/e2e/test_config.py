@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import PY, Controller, py, wait_for
+from tests.helpers import PY, Controller, log_text, py, wait_for
 
 DEADLINE = 30.0  # a noisy shared 2-core box: generous, never relied on for speed
 
@@ -46,13 +46,6 @@ def env_printer(*keys: str) -> list[str]:
         print("env-done", flush=True)
         while True: time.sleep(1)
     """)
-
-
-def log_text(ctl: Controller, instance: str) -> str:
-    try:
-        return (ctl.state / "logs" / f"{instance}.log").read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def running(ctl: Controller, name: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import (
     Controller,
+    log_text,
     manifest,
     marked_pids,
     pid_alive,
@@ -27,6 +28,7 @@ from tests.helpers import (
     reap,
     sleeper,
     wait_for,
+    wait_log,
 )
 
 DEADLINE = 30.0  # a noisy shared 2-core box: generous, never relied on for speed
@@ -36,22 +38,6 @@ FAST_BACKOFF = {"initialSeconds": 0.2, "maxSeconds": 0.5}
 # -- small local helpers --------------------------------------------------------
 def log_path(ctl: Controller, instance: str) -> Path:
     return ctl.state / "logs" / f"{instance}.log"
-
-
-def log_text(ctl: Controller, instance: str) -> str:
-    try:
-        return log_path(ctl, instance).read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def wait_log(ctl: Controller, instance: str, needle: str, timeout: float = DEADLINE) -> str:
-    def found() -> str | None:
-        text = log_text(ctl, instance)
-        return text if needle in text else None
-    text = wait_for(found, timeout, message=f"{needle!r} in the log of {instance}")
-    assert text is not None
-    return text
 
 
 def condition(doc: dict[str, Any], kind: str) -> dict[str, Any]:

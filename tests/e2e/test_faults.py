@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Controller, pid_alive, py, reap, wait_for
+from tests.helpers import Controller, log_text, pid_alive, py, reap, wait_for
 
 DEADLINE = 30.0  # a noisy shared 2-core box: generous, never relied on for speed
 FAST_BACKOFF = {"initialSeconds": 0.2, "maxSeconds": 0.5}
@@ -129,13 +129,6 @@ def holds(pred: Callable[[], bool], seconds: float, message: str) -> None:
 def sleep_cmd(arg: int | str) -> list[str]:
     """A cheap agent; the argument tells versions apart in /proc/<pid>/cmdline."""
     return ["sleep", str(arg)]
-
-
-def log_text(ctl: Controller, instance: str) -> str:
-    try:
-        return (ctl.state / "logs" / f"{instance}.log").read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def inst(doc: dict[str, Any], index: int = 0) -> dict[str, Any]:

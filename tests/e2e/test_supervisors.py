@@ -29,11 +29,13 @@ from tests.helpers import (
     PY,
     Controller,
     kill_group,
+    log_text,
     pid_alive,
     py,
     reap,
     sleeper,
     wait_for,
+    wait_log,
 )
 
 DEADLINE = 30.0  # a noisy shared 2-core box: generous, never relied on for speed
@@ -150,22 +152,6 @@ def running(ctl: Controller, name: str, not_pid: int | None = None, timeout: flo
         return (d.get("phase") == "Running" and bool(d.get("instances")) and bool(inst(d).get("pid"))
                 and inst(d)["pid"] != not_pid)
     return ctl.wait_status(name, ok, timeout, f"{name} Running with a pid other than {not_pid}")
-
-
-def log_text(ctl: Controller, instance: str) -> str:
-    try:
-        return (ctl.state / "logs" / f"{instance}.log").read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def wait_log(ctl: Controller, instance: str, needle: str, timeout: float = DEADLINE) -> str:
-    def found() -> str | None:
-        text = log_text(ctl, instance)
-        return text if needle in text else None
-    text = wait_for(found, timeout, message=f"{needle!r} in the log of {instance}")
-    assert text is not None
-    return text
 
 
 def logs_lines(ctl: Controller, name: str, *extra: str) -> list[str]:
@@ -379,7 +365,6 @@ def test_agent_killed_by_hand_and_while_the_controller_is_down_is_diagnosed_and_
     assert last["reason"] == "Lost", f"exited while the controller was down: {last}"
     assert doc["restarts"] == 2
     assert (killed["exitCode"], killed["signal"], killed["reason"]) == (None, signal.SIGKILL, "Signaled"), killed
-
 
 
 def test_tmux_adapter_knows_how_a_lone_pane_stopped_with_sigterm_ended() -> None:
