@@ -60,7 +60,7 @@ async def main(ns: argparse.Namespace) -> dict[str, Any]:
     reconciles: list[float] = []
     c.observe = lambda result, seconds: reconciles.append(seconds)
     split = {"sync": 0.0, "publish": 0.0}
-    orig_sync, orig_publish = c.sync_manifests, c.publish
+    orig_sync, orig_publish = c.intake.sync, c.publish
 
     def timed_sync(*a: Any, **k: Any) -> None:
         t = time.perf_counter()
@@ -76,7 +76,7 @@ async def main(ns: argparse.Namespace) -> dict[str, Any]:
         finally:
             split["publish"] += time.perf_counter() - t
 
-    c.sync_manifests = timed_sync  # type: ignore[method-assign]
+    c.intake.sync = timed_sync  # type: ignore[method-assign]
     c.publish = timed_publish  # type: ignore[method-assign]
 
     gc_time = {"t": 0.0, "n": 0, "start": 0.0}

@@ -6,7 +6,7 @@ compared in tests; the reconciler turns them into effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 
@@ -91,6 +91,9 @@ class InstanceSpec:
     env: tuple[tuple[str, str], ...]
     cwd: str
     spec_hash: str
+
+    def with_env(self, *pairs: tuple[str, str]) -> InstanceSpec:
+        return replace(self, env=self.env + pairs)
 
 
 @dataclass(frozen=True)

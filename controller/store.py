@@ -88,6 +88,16 @@ class Store:
         self.db = self._open()
         self._since_prune = 0
 
+    @classmethod
+    def empty(cls) -> Store:
+        """A read-only store with nothing in it, in memory (`agentctl plan` before any `run`)."""
+        store = cls.__new__(cls)
+        store.path, store.readonly, store.recovered_from = Path(":memory:"), True, None
+        store._closed, store._since_prune = False, 0
+        store.db = sqlite3.connect(":memory:")
+        store.db.executescript(SCHEMA)
+        return store
+
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
             db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)

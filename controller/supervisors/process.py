@@ -6,6 +6,7 @@ known for children of this controller; an adopted process's exit code is not (re
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -14,6 +15,10 @@ from typing import ClassVar
 from controller import procfs
 from controller.model import Handle, InstanceSpec
 from controller.supervisors.base import Context, ExitStatus, SupervisorError, group_alive, signal_group
+
+
+_FINAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP,
+                           errno.ENAMETOOLONG, errno.E2BIG, errno.EPERM})
 
 
 def spawn_env(spec: InstanceSpec) -> dict[str, str]:
@@ -55,7 +60,10 @@ class ProcessSupervisor:
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a bad env name slipped through
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise SupervisorError(f"cannot start {spec.argv[0]!r}: {message}", retryable=False) from exc
+            # no such program, not executable, no cwd: trying again cannot help; out of processes
+            # or file descriptors (EAGAIN, EMFILE, ENOMEM) may pass
+            final = not isinstance(exc, OSError) or exc.errno in _FINAL_ERRNOS
+            raise SupervisorError(f"cannot start {spec.argv[0]!r}: {message}", retryable=not final) from exc
         finally:
             os.close(fd)
         self._children[child.pid] = child
