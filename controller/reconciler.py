@@ -51,7 +51,8 @@ class Controller:
     def __init__(self, settings: Settings, *, clock: TimeSource | None = None, host: Host | None = None,
                  supervisors: Callable[[Context], dict[str, Supervisor]] = build,
                  store: Callable[[Path], Store] | None = None, watcher: ExitWatcher | None = None,
-                 caller: Caller = call, status: StatusWriter | None = None) -> None:
+                 caller: Caller = call, status: StatusWriter | None = None,
+                 exits_options: dict[str, Any] | None = None) -> None:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.clock: TimeSource = clock or SystemClock()
@@ -61,6 +62,7 @@ class Controller:
         self._watcher = watcher or PidfdWatcher()
         self._status = status
         self.call = caller
+        self._exits_options = exits_options or {}  # the simulation's timers and off-loop runner
         self.queue = WorkQueue()
         self.locks: dict[str, asyncio.Lock] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -115,7 +117,7 @@ class Controller:
         self.intake = Intake(self.settings, self.table, self.queue, self.clock)
         self.exits = Exits(self.table, self.queue, self.supervisors, clock=self.clock, host=self.host,
                            call=self.call, watcher=self._watcher, log_dir=self.settings.log_dir,
-                           controller_id=self.controller_id)
+                           controller_id=self.controller_id, **self._exits_options)
         self.exits.locks = self.locks
         self.exits.in_flight = lambda agent: agent in self.tasks
         self.exits.on_finished.append(self._after_exit)

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import os
 import signal as signals
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from controller import logfiles, procfs, records
 from controller.clock import TimeSource
@@ -69,7 +69,8 @@ class PidfdWatcher:
 class Exits:
     def __init__(self, table: AgentTable, queue: WorkQueue, supervisors: dict[str, Supervisor], *,
                  clock: TimeSource, host: Host, call: Caller, watcher: ExitWatcher, log_dir: Path,
-                 controller_id: str) -> None:
+                 controller_id: str, later: Callable[[float, Callable[[], None]], Any] | None = None,
+                 offload: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> None:
         self.table = table
         self.queue = queue
         self.supervisors = supervisors
@@ -79,6 +80,9 @@ class Exits:
         self.watcher = watcher
         self.log_dir = log_dir
         self.controller_id = controller_id
+        # timers and off-loop work go through these two, so the simulation can run them on its clock
+        self.later = later or (lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))
+        self.offload = offload
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
         self.tasks: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # sweeps: not part of quiet()
@@ -86,7 +90,7 @@ class Exits:
         self.in_flight: Callable[[str], bool] = lambda agent: False  # a reconcile of agent runs now
         self.on_finished: list[Callable[[InstanceRecord], None]] = []
         self.stopping = False
-        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._sweep_handle: Any = None  # what `later` returned: has cancel()
 
     def log_path(self, instance_id: str) -> Path:
         return self.log_dir / f"{instance_id}.log"
@@ -186,7 +190,7 @@ class Exits:
         """Soon after an exit, kill what escaped the instance's process group (at most once a second)."""
         if self._sweep_handle is not None or self.stopping:
             return
-        self._sweep_handle = asyncio.get_running_loop().call_later(SWEEP_DELAY, self._sweep_now)
+        self._sweep_handle = self.later(SWEEP_DELAY, self._sweep_now)
 
     def _sweep_now(self) -> None:
         self._sweep_handle = None
@@ -201,7 +205,7 @@ class Exits:
 
     async def _sweep_soon(self) -> None:
         """The /proc scan (every process's environ) runs in a worker thread; the kills in the loop."""
-        marked = await asyncio.to_thread(self.host.marked, self.controller_id)
+        marked: list[procfs.Marked] = await self.offload(self.host.marked, self.controller_id)
         self.sweep(marked)
 
     def sweep(self, marked: list[procfs.Marked]) -> None:

@@ -65,7 +65,7 @@ class AgentTable:
 
     # -- instances -----------------------------------------------------------
     def of(self, name: str) -> dict[str, InstanceRecord]:
-        return {i: self.instances[i] for i in self.by_agent.get(name, ())}
+        return {i: self.instances[i] for i in sorted(self.by_agent.get(name, ()))}  # a stable order
 
     def put(self, rec: InstanceRecord) -> None:
         self.index(rec)

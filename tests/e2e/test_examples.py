@@ -46,7 +46,9 @@ def test_an_invalid_example_edit_is_reported_with_file_and_line(tmp_path: Path) 
     assert f"{bad}:9: spec.comand: Extra inputs are not permitted" in result.stdout
 
 
-def test_runtime_dependencies_are_exactly_the_five() -> None:
+def test_runtime_dependencies_are_the_five_plus_the_terminal_emulator() -> None:
+    """CONTRACT §1: the five, and one library for terminal rendering (§9); etcd only as an extra."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in project["dependencies"])
-    assert names == ["prometheus-client", "psutil", "pydantic", "pyyaml", "watchfiles"]
+    assert names == ["prometheus-client", "psutil", "pydantic", "pyte", "pyyaml", "watchfiles"]
+    assert "fleet" in project["optional-dependencies"]
