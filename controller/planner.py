@@ -47,6 +47,9 @@ class AgentView:
     # defaults for stopping an agent whose manifest is gone (its last valid spec)
     last_signal: int = 15
     last_grace: float = 10.0
+    # the manifest is declared but no valid spec of it is known (invalid since before a lost
+    # store write): what runs is left alone, never stopped for want of a spec
+    hold: bool = False
 
 
 @dataclass
@@ -68,6 +71,10 @@ class _Builder:
 def plan_agent(view: AgentView, now: float, *, capacity: int = 1 << 30) -> Plan:
     b = _Builder(now, capacity)
     desired = view.desired
+    if desired is None and view.hold:
+        # RUNNING stays RUNNING, EXITED stays EXITED: only a valid spec decides what comes next
+        b.actions.extend(Wait(rec.id, "InvalidManifest") for rec in view.instances.values())
+        return b.plan()
     if desired is None:
         for rec in view.instances.values():
             _retire(b, rec, view.gone_reason, view.last_signal, view.last_grace)

@@ -119,9 +119,9 @@ class Controller:
                            call=self.call, watcher=self._watcher, log_dir=self.settings.log_dir,
                            controller_id=self.controller_id, **self._exits_options)
         self.exits.locks = self.locks
-        self.exits.in_flight = lambda agent: agent in self.tasks
+        self.exits.in_flight = lambda instance: instance in self.executor.starting
         self.exits.on_finished.append(self._after_exit)
-        self.executor = Executor(self.table, self.queue, self.exits, self.supervisors, clock=self.clock,
+        self.executor: Executor = Executor(self.table, self.queue, self.exits, self.supervisors, clock=self.clock,
                                  call=self.call, controller_id=self.controller_id, check_cwd=self._check_cwd)
         self.executor.on_start.append(self._started)
 
@@ -219,6 +219,7 @@ class Controller:
         last = agent.desired
         return AgentView(
             agent.name, target, self.table.of(agent.name), gone_reason=agent.gone_reason, unavailable=unavailable,
+            hold=last is None and agent.present and agent.placed and not agent.halted,
             last_signal=last.stop_signal if last else signals.SIGTERM,
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
         )
@@ -256,6 +257,10 @@ class Controller:
             self.queue.at(name, now + plan.requeue_after)
         if self.exits.pending(name):
             self.queue.at_most(name, now + 0.05)
+        if plan.pending_reason == "HostCapacity":
+            # freed capacity wakes waiting agents at once (_mark_pending); this look a second later
+            # catches what no exit announced (a slot freed while another controller life ran)
+            self.queue.at_most(name, now + 1.0)
         agent.pending_reason = plan.pending_reason
         if not agent.present and not self.table.of(name):
             self._drop_agent(name)
@@ -329,14 +334,20 @@ class Controller:
         await self.exits.adopt_all()
         self.intake.sync()
         self.exits.recover_unrecorded(self._desired_argv)
+        self.exits.request_sweep()  # leftovers of runs that ended while no controller listened
         self.manifests_changed = False
         self.queue.mark_all(self.table.agents)
 
     def _desired_argv(self, instance: str) -> tuple[str, ...] | None:
+        """The argv an instance's process must run to be adopted by its marker; () when the agent
+        is declared but no valid spec of it is known (any leader of ours is its process); None
+        when nothing declares it (its processes are orphans)."""
         agent = self.table.agents.get(instance.rsplit("-", 1)[0])
-        desired: DesiredAgent | None = agent.desired if agent is not None else None
-        if desired is None:
+        if agent is None or not agent.present:
             return None
+        desired: DesiredAgent | None = agent.desired
+        if desired is None:
+            return ()
         return next((i.argv for i in desired.instances if i.id == instance), None)
 
     def step(self) -> None:

@@ -205,6 +205,15 @@ class Store:
             (agent, reason),
         )
 
+    def set_counter(self, agent: str, reason: str, value: int) -> None:
+        """Idempotent (memory holds the value): a write redone after a failure never counts twice."""
+        self._begin()
+        self.db.execute(
+            "INSERT INTO counters (agent, reason, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (agent, reason) DO UPDATE SET value = max(value, excluded.value)",
+            (agent, reason, value),
+        )
+
     def drop_counters(self, agent: str) -> None:
         self._begin()
         self.db.execute("DELETE FROM counters WHERE agent = ?", (agent,))

@@ -327,6 +327,7 @@ class FakeStore:
         self.disk = disk  # shared with the simulation: survives the controller's death
         self.tx = disk.copy()
         self.failing: str | None = None  # "full" or "busy": every write raises
+        self.dead = False  # its controller was killed: nothing more reaches the disk
 
     def _write(self) -> None:
         if self.failing == "full":
@@ -342,6 +343,8 @@ class FakeStore:
 
     def commit(self) -> None:
         self._write()
+        if self.dead:
+            return
         fresh = self.tx.copy()
         self.disk.meta, self.disk.instances, self.disk.agents = fresh.meta, fresh.instances, fresh.agents
         self.disk.counters, self.disk.events = fresh.counters, fresh.events
@@ -381,6 +384,10 @@ class FakeStore:
     def bump_counter(self, agent: str, reason: str) -> None:
         self._write()
         self.tx.counters[(agent, reason)] = self.tx.counters.get((agent, reason), 0) + 1
+
+    def set_counter(self, agent: str, reason: str, value: int) -> None:
+        self._write()
+        self.tx.counters[(agent, reason)] = max(value, self.tx.counters.get((agent, reason), 0))
 
     def drop_counters(self, agent: str) -> None:
         self._write()

@@ -87,7 +87,7 @@ class Exits:
         self.tasks: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # sweeps: not part of quiet()
         self.locks: dict[str, asyncio.Lock] = {}  # shared with the loop: one per agent
-        self.in_flight: Callable[[str], bool] = lambda agent: False  # a reconcile of agent runs now
+        self.in_flight: Callable[[str], bool] = lambda instance: False  # a start of it is under way
         self.on_finished: list[Callable[[InstanceRecord], None]] = []
         self.stopping = False
         self._sweep_handle: Any = None  # what `later` returned: has cancel()
@@ -181,12 +181,12 @@ class Exits:
         log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, info.reason)
         self.table.event(rec.agent, instance_id, "Exited", info.reason, f"{what} after {info.runtime_seconds:.1f}s")
         self.queue.mark(rec.agent)
-        self._request_sweep()
+        self.request_sweep()
         for hook in self.on_finished:
             hook(done)
 
     # -- the orphan sweep ----------------------------------------------------
-    def _request_sweep(self) -> None:
+    def request_sweep(self) -> None:
         """Soon after an exit, kill what escaped the instance's process group (at most once a second)."""
         if self._sweep_handle is not None or self.stopping:
             return
@@ -212,15 +212,19 @@ class Exits:
         """Marked processes of no live run: leftovers that escaped their group (setsid), also of an
         earlier run of an instance that has since restarted."""
         live = {r.id: r for r in self.table.instances.values() if r.state != RunState.EXITED and r.handle is not None}
+        deferred = False
         for m in marked:
             rec = live.get(m.instance)
             if rec is not None and (not rec.run_id or not m.run or m.run == rec.run_id):
                 continue  # a process of the instance's current run (records from before run ids: all spared)
-            if m.instance in self.remnants or self.in_flight(m.agent):
-                continue  # being reconciled right now: a start may be in flight in a worker thread
+            if m.instance in self.remnants or self.in_flight(m.instance):
+                deferred = True  # its start is under way (in a worker thread): the record is not written yet
+                continue
             log.warning("%s orphaned process pid %d (escaped its process group): killing it", m.instance, m.pid)
             self.table.event(m.agent, m.instance, "OrphanKilled", "Sweep", f"pid {m.pid}")
             self.host.kill(m.pid)
+        if deferred:
+            self.request_sweep()  # what was spared for now is looked at again, never forgotten
 
     def close(self) -> None:
         self.stopping = True
@@ -285,7 +289,7 @@ class Exits:
                 continue  # a tmux pane: its session is the tmux adapter's to find
             argv = desired_argv(instance)
             mains = [m for m in sorted(procs, key=lambda m: m.stat.start_ticks)
-                     if _is_leader(m) and runs_argv(self.host.cmdline(m.pid), argv)]
+                     if _is_leader(m) and (argv == () or runs_argv(self.host.cmdline(m.pid), argv))]
             main = mains[0] if mains else None
             if main is not None:
                 self._adopt_marked(main, rec)

@@ -62,6 +62,10 @@ class AgentTable:
         self.last_exit_codes: dict[str, int] = {}
         self.write_errors = 0  # store writes that failed (disk full, read-only, busy...)
         self.state_error: str | None = None
+        # row -> its newest write: since the last good commit, and of those, the ones not yet in the store
+        Book = dict[tuple[str, ...], tuple[Callable[[], object], str]]
+        self._pending: Book = {}
+        self._unsaved: Book = {}
 
     # -- instances -----------------------------------------------------------
     def of(self, name: str) -> dict[str, InstanceRecord]:
@@ -69,14 +73,7 @@ class AgentTable:
 
     def put(self, rec: InstanceRecord) -> None:
         self.index(rec)
-        if self.store.readonly:
-            return
-        try:
-            self.store.put_instance(rec)
-        except sqlite3.Error as exc:
-            self._write_failed(f"state store write for {rec.id} failed: {exc}")
-        else:
-            self.state_error = None
+        self._write(("instance", rec.id), lambda: self.store.put_instance(rec), f"state store write for {rec.id}")
 
     def index(self, rec: InstanceRecord) -> None:
         """Into memory without writing (a record loaded from the store)."""
@@ -90,34 +87,35 @@ class AgentTable:
             ids.discard(instance_id)
             if not ids:
                 self.by_agent.pop(rec.agent, None)
-            self._try(lambda: self.store.delete_instance(instance_id), f"state store delete of {instance_id}")
+            self._write(("instance", instance_id), lambda: self.store.delete_instance(instance_id),
+                        f"state store delete of {instance_id}")
         return rec
 
     # -- agents --------------------------------------------------------------
     def save_agent(self, agent: AgentState) -> None:
-        if self.store.readonly:
-            return
         desired = agent.desired
         manifest = desired.manifest.model_dump(by_alias=True, exclude_none=True) if desired else None
         row = AgentRow(agent.name, agent.source, manifest, desired.spec_hash if desired else None,
                        agent.first_seen, agent.source_revision)
-        self._try(lambda: self.store.put_agent(row), f"state store write of agent {agent.name}")
+        self._write(("agent", agent.name), lambda: self.store.put_agent(row), f"state store write of agent {agent.name}")
 
     def drop_agent(self, name: str) -> AgentState | None:
         agent = self.agents.pop(name, None)
         for key in [k for k in self.counters if k[0] == name]:
             del self.counters[key]
+            self._pending.pop(("counter", *key), None)
+            self._unsaved.pop(("counter", *key), None)
         self.last_exit_codes.pop(name, None)
-        if not self.store.readonly:
-            self._try(lambda: self.store.delete_agent(name), f"state store delete of agent {name}")
-            self._try(lambda: self.store.drop_counters(name), f"state store delete of counters of {name}")
+        self._write(("agent", name), lambda: self.store.delete_agent(name), f"state store delete of agent {name}")
+        self._write(("counters", name), lambda: self.store.drop_counters(name),
+                    f"state store delete of counters of {name}")
         return agent
 
     def count_restart(self, agent: str, reason: str) -> None:
         key = (agent, reason)
-        self.counters[key] = self.counters.get(key, 0) + 1
-        if not self.store.readonly:
-            self._try(lambda: self.store.bump_counter(agent, reason), f"state store counter of {agent}")
+        value = self.counters[key] = self.counters.get(key, 0) + 1
+        self._write(("counter", agent, reason), lambda: self.store.set_counter(agent, reason, value),
+                    f"state store counter of {agent}")
 
     def restarts(self, name: str, spec_hash: str | None) -> int:
         return sum(r.restarts for r in self.of(name).values() if r.spec_hash == spec_hash)
@@ -132,14 +130,42 @@ class AgentTable:
             log.error("cannot record event %s for %s: %s", kind, agent, exc)
 
     def commit(self) -> None:
+        """Write again what failed, then commit. A commit that fails may have lost the whole
+        transaction: everything written since the last good commit is written again next time."""
         if self.store.readonly:
             return
-        self._try(self.store.commit, "state store commit")
+        for key, (write, what) in list(self._unsaved.items()):
+            try:
+                write()
+            except sqlite3.Error as exc:
+                self._write_failed(f"{what} failed: {exc}")
+                return
+            del self._unsaved[key]
+        try:
+            self.store.commit()
+        except sqlite3.Error as exc:
+            for key, entry in self._pending.items():
+                self._unsaved.pop(key, None)
+                self._unsaved[key] = entry
+            self._write_failed(f"state store commit failed: {exc}")
+            return
+        self._pending.clear()
+        self.state_error = None
 
-    def _try(self, write: Callable[[], object], what: str) -> None:
+    def _write(self, key: tuple[str, ...], write: Callable[[], object], what: str) -> None:
+        """Memory is authoritative: a write that fails is kept (the newest per row) and redone."""
+        if self.store.readonly:
+            return
+        for book in (self._pending, self._unsaved):
+            book.pop(key, None)  # the newest write of a row goes last: replays keep the order
+        self._pending[key] = (write, what)
+        if self._unsaved:
+            self._unsaved[key] = (write, what)  # earlier writes are waiting: keep the order
+            return
         try:
             write()
         except sqlite3.Error as exc:
+            self._unsaved[key] = (write, what)
             self._write_failed(f"{what} failed: {exc}")
 
     def _write_failed(self, message: str) -> None:
