@@ -11,8 +11,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controller.loader import Loaded
-from controller.manifests import AgentManifest, signal_number
+from controller.manifests import AgentManifest, Loaded, signal_number
 from controller.model import InstanceSpec
 from controller.providers import Preset, field_env, render
 

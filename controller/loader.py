@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controller.manifests import AgentManifest, ManifestError, ParsedDocument, parse_text
+from controller.manifests import AgentManifest, Loaded as Loaded, ManifestError, ParsedDocument, parse_text
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_ENV_FILE_BYTES = 256 * 1024
@@ -36,21 +36,6 @@ def manifest_files(root: Path) -> list[Path]:
             if path.suffix in (".yaml", ".yml") and not is_ignored(path.relative_to(root)):
                 found.append(path)
     return sorted(found)
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One valid manifest with everything read from disk that its instances need."""
-
-    manifest: AgentManifest
-    source: str
-    line: int
-    cwd: str
-    env_from_files: tuple[tuple[str, str], ...]
-
-    @property
-    def name(self) -> str:
-        return self.manifest.metadata.name
 
 
 @dataclass

@@ -365,3 +365,19 @@ def parse_text(text: str, file: str) -> tuple[list[ParsedDocument], list[Manifes
         except ValidationError as exc:
             errors.extend(_errors_of(exc, file, lines, line, _name_of(data)))
     return docs, errors
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One valid manifest with everything read from disk that its instances need (the loader
+    reads it; `desired` computes from it without touching the disk)."""
+
+    manifest: AgentManifest
+    source: str
+    line: int
+    cwd: str
+    env_from_files: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.metadata.name
