@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from controller.plugins import SUPERVISORS
+
 NAME_RE = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 ENV_KEY_RE = r"^[A-Za-z_][A-Za-z0-9_]*$"
 LABEL_KEY_RE = r"^[A-Za-z0-9]([-A-Za-z0-9_./]{0,251}[A-Za-z0-9])?$"
@@ -39,6 +41,16 @@ def _no_nul(value: str) -> str:
 # a Python check: as a pydantic pattern, a negated class compiles to a Unicode regex of
 # megabytes, once per field that uses it
 NoNulStr = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _known_supervisor(value: str) -> str:
+    if value not in SUPERVISORS:
+        raise ValueError(f"unknown supervisor {value!r}: one of {', '.join(SUPERVISORS)}")
+    return value
+
+
+# the values come from the registry (controller.plugins): a new adapter needs no change here
+SupervisorKind = Annotated[str, AfterValidator(_known_supervisor), Field(json_schema_extra={"enum": list(SUPERVISORS)})]
 
 
 class Strict(BaseModel):
@@ -157,7 +169,7 @@ class AgentSpec(Strict):
     env: dict[Annotated[str, Field(pattern=ENV_KEY_RE)], NoNulStr] = Field(default_factory=dict)
     env_files: list[NoNulStr] = Field(default_factory=list, alias="envFiles")
     replicas: Annotated[int, Field(ge=0, le=100)] = 1
-    supervisor: Literal["process", "tmux", "systemd"] = "process"
+    supervisor: SupervisorKind = "process"
     restart_policy: Literal["Always", "OnFailure", "Never"] = Field("Always", alias="restartPolicy")
     backoff: Backoff = Backoff.model_validate({})
     max_restarts: MaxRestarts | None = Field(None, alias="maxRestarts")

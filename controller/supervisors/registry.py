@@ -1,21 +1,22 @@
-"""The one place that knows every adapter: `spec.supervisor` value -> adapter class.
+"""Builds the adapters named in controller.plugins, one instance per kind.
 
-Adding an adapter means one module and one entry here; nothing else branches on the kind.
+Adding an adapter means one module and one entry in controller/plugins.py; nothing else
+branches on the kind.
 """
 
 from __future__ import annotations
 
-from controller.supervisors.base import Context, Supervisor
-from controller.supervisors.process import ProcessSupervisor
-from controller.supervisors.systemd import SystemdSupervisor
-from controller.supervisors.tmux import TmuxSupervisor
+import importlib
 
-ADAPTERS: dict[str, type] = {
-    "process": ProcessSupervisor,
-    "tmux": TmuxSupervisor,
-    "systemd": SystemdSupervisor,
-}
+from controller.plugins import SUPERVISORS
+from controller.supervisors.base import Context, Supervisor
+
+
+def adapter_class(kind: str) -> type:
+    module, _, name = SUPERVISORS[kind].partition(":")
+    cls: type = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def build(ctx: Context) -> dict[str, Supervisor]:
-    return {kind: cls(ctx) for kind, cls in ADAPTERS.items()}
+    return {kind: adapter_class(kind)(ctx) for kind in SUPERVISORS}
