@@ -132,6 +132,7 @@ class Controller:
         self.write_errors = 0  # store and status writes that failed (disk full, read-only...)
         self.state_error: str | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._commit_retry: asyncio.TimerHandle | None = None  # storefix: a failed commit is retried
         self._published_at = 0.0
         self._logged_file_errors: set[str] = set()
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
@@ -155,8 +156,10 @@ class Controller:
             (self.state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         self.store = Store(self.state_dir / "state.db")
         if self.store.recovered_from:
-            log.error("state store was unusable and was moved aside to %s; rebuilding from live processes",
+            # storefix: only real corruption gets here now (a locked store is waited for in Store)
+            log.error("state store was corrupt and was moved aside to %s; rebuilding from live processes",
                       self.store.recovered_from)
+            self.store.set_meta("recovered_from", self.store.recovered_from)
         self.controller_id = self._controller_id()
         self.store.set_meta("controller_id", self.controller_id)
         self.supervisors = build(Context(self.state_dir, self.controller_id))
@@ -176,7 +179,7 @@ class Controller:
         for rec in self.instances.values():
             if rec.agent not in self.agents:
                 self.agents[rec.agent] = AgentState(rec.agent, "", time.time(), present=False)
-        self.store.commit()
+        self._commit()  # storefix: a lock taken since the open is retried by the loop, not a crash
 
     def _controller_id(self) -> str:
         """Stable per state dir, kept beside the store too: it marks our processes if the store is lost."""
@@ -471,11 +474,9 @@ class Controller:
         self.instances[rec.id] = rec
         self.by_agent.setdefault(rec.agent, set()).add(rec.id)
         try:
-            self.store.put_instance(rec)
+            self.store.put_instance(rec)  # storefix: buffered; only _commit clears state_error
         except sqlite3.Error as exc:
             self._write_failed(f"state store write for {rec.id} failed: {exc}")
-        else:
-            self.state_error = None
 
     def _index(self, rec: InstanceRecord) -> None:
         """A record loaded from the store: into memory without writing it back."""
@@ -495,9 +496,28 @@ class Controller:
         if self.store is None or self.store.readonly:
             return
         try:
-            self.store.commit()
+            saved = self.store.commit()  # storefix: False while a failed commit waits for its retry
         except sqlite3.Error as exc:
+            saved = False
             self._write_failed(f"state store commit failed: {exc}")
+        if not saved:  # storefix: every buffered write is kept; wake the loop to retry even when idle
+            self._retry_commit_soon()
+        elif self.state_error is not None:
+            log.info("state store writes succeed again")
+            self.state_error = None
+
+    def _retry_commit_soon(self) -> None:
+        """storefix: an idle loop would otherwise not commit again until the next event."""
+        if self._commit_retry is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not running yet (open()): the first pass commits
+        def fire() -> None:
+            self._commit_retry = None
+            self.wake()
+        self._commit_retry = loop.call_later(1.0, fire)
 
     def _write_failed(self, message: str) -> None:
         self.write_errors += 1
@@ -566,7 +586,8 @@ class Controller:
         assert self.store is not None
         key = (agent, reason)
         self.counters[key] = self.counters.get(key, 0) + 1
-        self.store.bump_counter(agent, reason)
+        # storefix: the absolute value from memory, so a bump whose commit failed is saved by the next one
+        self.store.set_counter(agent, reason, self.counters[key])
 
     async def _stop(self, action: Stop) -> None:
         rec = self.instances[action.instance]

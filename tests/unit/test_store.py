@@ -100,6 +100,7 @@ def test_old_events_are_pruned_so_the_database_stays_bounded(store: Store, monke
     monkeypatch.setattr(store_module, "EVENTS_KEPT", 10)
     for i in range(1000):
         store.add_event(Event(float(i), "a", None, "Exited", "Error", f"event {i}"))
+    store.commit()  # writes are buffered until the reconciler's commit, once per pass
     assert store.db.execute("SELECT COUNT(*) FROM events").fetchone() == (10,)
     assert [e.message for e in store.events("a", limit=100)] == [f"event {i}" for i in range(990, 1000)]
 
