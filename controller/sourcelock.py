@@ -1,0 +1,106 @@
+"""One controller per manifests source on this host: an flock'd file named by the source's hash.
+
+Effects layer, called by cli.cmd_run before the controller starts. The lock lives in a private
+runtime dir ($XDG_RUNTIME_DIR/agentctl, /run/agentctl for root, else /tmp/agentctl-<uid>),
+never in the manifests dir, which nothing ever writes to. It holds the holder's pid and state
+dir so a refused second controller can name it. It must not know anything of reconciling.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SourceLocked(Exception):
+    """Another controller on this host serves the same manifests: refuse to run them twice."""
+
+
+@dataclass(frozen=True)
+class SourceLock:
+    fds: tuple[int, ...]
+
+    def release(self) -> None:
+        for fd in self.fds:
+            os.close(fd)  # closing drops the flock
+
+
+def lock_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "agentctl"
+    if os.geteuid() == 0:
+        return Path("/run/agentctl")
+    return Path(f"/tmp/agentctl-{os.geteuid()}")
+
+
+def source_keys(manifests: Path | None, git: tuple[str, str] | None) -> list[str]:
+    """What identifies a source. A directory counts under its path as given (after a symlink swap
+    it is still the same source) and under its real path (another symlink to it is too)."""
+    if git is not None:
+        url, path = git
+        return [f"git:{url}#{path.strip('/')}"]
+    assert manifests is not None
+    given = os.path.abspath(manifests)
+    real = os.path.realpath(manifests)
+    return [f"dir:{given}"] if given == real else [f"dir:{given}", f"dir:{real}"]
+
+
+def acquire(keys: list[str], *, state_dir: Path, directory: Path | None = None) -> SourceLock:
+    """Lock every key or none; SourceLocked names the controller that holds one."""
+    where = directory or lock_dir()
+    _private_dir(where)
+    fds: list[int] = []
+    try:
+        for key in keys:
+            fds.append(_lock_one(where, key, state_dir))
+    except BaseException:
+        SourceLock(tuple(fds)).release()
+        raise
+    return SourceLock(tuple(fds))
+
+
+def _private_dir(where: Path) -> None:
+    """Ours alone: a directory another user owns or can write to could fake or steal the lock."""
+    try:
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(where)
+    except OSError as exc:
+        raise SourceLocked(f"cannot use the lock directory {where}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise SourceLocked(f"lock directory {where} is not a directory owned by uid {os.geteuid()}: refusing it")
+    if st.st_mode & 0o077:
+        raise SourceLocked(f"lock directory {where} is open to other users (mode {stat.S_IMODE(st.st_mode):o}):"
+                           " refusing it")
+
+
+def _lock_one(where: Path, key: str, state_dir: Path) -> int:
+    path = where / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise SourceLocked(f"{key.split(':', 1)[1]} is already served by another controller on this host"
+                           f" ({holder}); refusing to run its agents twice") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    info = {"pid": os.getpid(), "stateDir": str(state_dir.resolve()), "source": key}
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode(errors="replace"))
+        return f"pid {int(info['pid'])}, state dir {info['stateDir']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown: it is still starting"
