@@ -23,10 +23,15 @@ class SourceLocked(Exception):
 
 @dataclass(frozen=True)
 class SourceLock:
-    fds: tuple[int, ...]
+    held: tuple[tuple[Path, int], ...]  # (lock file, its open fd)
 
     def release(self) -> None:
-        for fd in self.fds:
+        """Unlink while still locked, then close: a waiter that opened the old file sees it is gone."""
+        for path, fd in self.held:
+            try:
+                path.unlink()
+            except OSError:
+                pass  # already gone: nothing of ours to remove
             os.close(fd)  # closing drops the flock
 
 
@@ -55,14 +60,14 @@ def acquire(keys: list[str], *, state_dir: Path, directory: Path | None = None) 
     """Lock every key or none; SourceLocked names the controller that holds one."""
     where = directory or lock_dir()
     _private_dir(where)
-    fds: list[int] = []
+    held: list[tuple[Path, int]] = []
     try:
         for key in keys:
-            fds.append(_lock_one(where, key, state_dir))
+            held.append(_lock_one(where, key, state_dir))
     except BaseException:
-        SourceLock(tuple(fds)).release()
+        SourceLock(tuple(held)).release()
         raise
-    return SourceLock(tuple(fds))
+    return SourceLock(tuple(held))
 
 
 def _private_dir(where: Path) -> None:
@@ -79,8 +84,22 @@ def _private_dir(where: Path) -> None:
                            " refusing it")
 
 
-def _lock_one(where: Path, key: str, state_dir: Path) -> int:
+def _lock_one(where: Path, key: str, state_dir: Path) -> tuple[Path, int]:
     path = where / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+    for _ in range(10):  # bounded: each retry means a holder released (and unlinked) just now
+        fd = _locked_fd(path, key)
+        if _same_file(path, fd):
+            break
+        os.close(fd)  # we locked a file its holder unlinked on release: lock the new one
+    else:
+        raise SourceLocked(f"cannot take the lock {path}: it keeps being replaced")
+    os.ftruncate(fd, 0)
+    info = {"pid": os.getpid(), "stateDir": str(state_dir.resolve()), "source": key}
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    return path, fd
+
+
+def _locked_fd(path: Path, key: str) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,10 +111,16 @@ def _lock_one(where: Path, key: str, state_dir: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    info = {"pid": os.getpid(), "stateDir": str(state_dir.resolve()), "source": key}
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _read_holder(fd: int) -> str:
