@@ -141,13 +141,15 @@ class Store:
             return db
         try:
             return self._open_waiting()
+        except OSError as exc:
+            raise StoreError(f"state store {self.path} cannot be opened: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
             if classify(exc) != Fault.CORRUPT:
                 raise StoreError(f"state store {self.path} cannot be opened: {exc}") from exc
             self._set_aside(exc)
         try:
             return self._open_waiting()
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"new state store {self.path} cannot be opened: {exc}") from exc
 
     def _set_aside(self, exc: sqlite3.Error) -> None:
