@@ -46,7 +46,7 @@ WAIT_ENV = "AGENTCTL_STORE_WAIT_SECONDS"  # how long start-up waits for a store 
 WAIT_DEFAULT = 120.0
 WAIT_LOG_EVERY = 3.0
 OPEN_BUSY_TIMEOUT = 1.0  # one start-up attempt; the loop around it logs progress between attempts
-LOOP_BUSY_TIMEOUT = 0.2  # the loop never blocks longer than this on a lock held by someone else
+LOOP_BUSY_TIMEOUT = 0.05  # the loop never blocks longer than this on a lock held by someone else
 RETRY_AFTER = 1.0  # after a failed commit, the next attempt waits this long (writes stay buffered)
 CLOSE_BUSY_TIMEOUT = 10.0  # at exit a lock is waited for longer: what is not written then is lost
 
