@@ -296,7 +296,8 @@ def lock_source(settings: Settings) -> SourceLock:
     """A second controller on the same manifests (whatever its state dir) would run every agent twice."""
     git = (settings.git.url, settings.git.path or "") if settings.git is not None else None
     try:
-        return acquire_source(source_keys(settings.manifests, git), state_dir=settings.state_dir)
+        keys = source_keys(settings.manifests, git, host=settings.host_name)
+        return acquire_source(keys, state_dir=settings.state_dir)
     except SourceLocked as exc:
         raise UsageError(str(exc)) from None
 

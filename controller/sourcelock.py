@@ -44,19 +44,28 @@ def lock_dir() -> Path:
     return Path(f"/tmp/agentctl-{os.geteuid()}")
 
 
-def source_keys(manifests: Path | None, git: tuple[str, str] | None) -> list[str]:
+@dataclass(frozen=True)
+class SourceKey:
+    shown: str  # what the refusal names: the directory, or the Git URL and path
+    key: str  # what is hashed into the lock file's name
+
+
+def source_keys(manifests: Path | None, git: tuple[str, str] | None, *, host: str = "") -> list[SourceKey]:
     """What identifies a source. A directory counts under its path as given (after a symlink swap
-    it is still the same source) and under its real path (another symlink to it is too)."""
+    it is still the same source) and under its real path (another symlink to it is too). The
+    placement host name is part of the key: controllers that act as different hosts of a fleet
+    (--host-name) place different agents, so they may share a machine and a source."""
+    suffix = f" for host {host}" if host else ""
     if git is not None:
         url, path = git
-        return [f"git:{url}#{path.strip('/')}"]
+        shown = f"{url} path {path.strip('/') or '/'}{suffix}"
+        return [SourceKey(shown, f"{host}\0git:{url}#{path.strip('/')}")]
     assert manifests is not None
-    given = os.path.abspath(manifests)
-    real = os.path.realpath(manifests)
-    return [f"dir:{given}"] if given == real else [f"dir:{given}", f"dir:{real}"]
+    given, real = os.path.abspath(manifests), os.path.realpath(manifests)
+    return [SourceKey(d + suffix, f"{host}\0dir:{d}") for d in dict.fromkeys((given, real))]
 
 
-def acquire(keys: list[str], *, state_dir: Path, directory: Path | None = None) -> SourceLock:
+def acquire(keys: list[SourceKey], *, state_dir: Path, directory: Path | None = None) -> SourceLock:
     """Lock every key or none; SourceLocked names the controller that holds one."""
     where = directory or lock_dir()
     _private_dir(where)
@@ -84,8 +93,8 @@ def _private_dir(where: Path) -> None:
                            " refusing it")
 
 
-def _lock_one(where: Path, key: str, state_dir: Path) -> tuple[Path, int]:
-    path = where / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+def _lock_one(where: Path, key: SourceKey, state_dir: Path) -> tuple[Path, int]:
+    path = where / (hashlib.sha256(key.key.encode()).hexdigest()[:32] + ".lock")
     for _ in range(10):  # bounded: each retry means a holder released (and unlinked) just now
         fd = _locked_fd(path, key)
         if _same_file(path, fd):
@@ -94,19 +103,19 @@ def _lock_one(where: Path, key: str, state_dir: Path) -> tuple[Path, int]:
     else:
         raise SourceLocked(f"cannot take the lock {path}: it keeps being replaced")
     os.ftruncate(fd, 0)
-    info = {"pid": os.getpid(), "stateDir": str(state_dir.resolve()), "source": key}
+    info = {"pid": os.getpid(), "stateDir": str(state_dir.resolve()), "source": key.shown}
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     return path, fd
 
 
-def _locked_fd(path: Path, key: str) -> int:
+def _locked_fd(path: Path, key: SourceKey) -> int:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(fd)
         os.close(fd)
-        raise SourceLocked(f"{key.split(':', 1)[1]} is already served by another controller on this host"
+        raise SourceLocked(f"{key.shown} is already served by another controller on this host"
                            f" ({holder}); refusing to run its agents twice") from None
     except BaseException:
         os.close(fd)

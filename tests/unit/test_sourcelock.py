@@ -107,3 +107,14 @@ def test_the_lock_directory_is_the_users_runtime_dir(monkeypatch: pytest.MonkeyP
     assert lock_dir() == tmp_path / "agentctl"
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert lock_dir() == (Path("/run/agentctl") if os.geteuid() == 0 else Path(f"/tmp/agentctl-{os.geteuid()}"))
+
+
+def test_controllers_acting_as_different_hosts_of_a_fleet_may_share_a_source(tmp_path: Path, locks: Path) -> None:
+    url = "https://example.invalid/agents.git"
+    gpu1 = acquire(source_keys(None, (url, "agents"), host="gpu-1"), state_dir=tmp_path / "a", directory=locks)
+    try:
+        acquire(source_keys(None, (url, "agents"), host="gpu-2"), state_dir=tmp_path / "b", directory=locks).release()
+        with pytest.raises(SourceLocked, match="for host gpu-1"):
+            acquire(source_keys(None, (url, "agents"), host="gpu-1"), state_dir=tmp_path / "c", directory=locks)
+    finally:
+        gpu1.release()
