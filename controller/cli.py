@@ -26,6 +26,8 @@ from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
 from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
+from controller.sourcelock import SourceLock, SourceLocked, source_keys
+from controller.sourcelock import acquire as acquire_source
 
 log = logging.getLogger("agentctl")
 
@@ -98,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     restart.add_argument("name")
     _common(restart)
 
-    sub.add_parser("schema", help="print the manifest JSON Schema")
+    schema = sub.add_parser("schema", help="print the manifest JSON Schema")
+    _common(schema)  # every command takes --state-dir (CONTRACT §2); schema reads nothing of it
 
     attach = sub.add_parser("attach", help="attach the terminal to a tmux instance")
     attach.add_argument("name")
@@ -278,9 +281,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("HTTP listener on non-loopback address %s (asked for explicitly)", host)
     lock = lock_state_dir(settings.state_dir)
     try:
+        source = lock_source(settings)  # storefix: one controller per manifests source on this host
+    except UsageError:
+        os.close(lock)
+        raise
+    try:
         return run_controller(settings, host, port)
     finally:
+        source.release()
         os.close(lock)
+
+
+def lock_source(settings: Settings) -> SourceLock:
+    """A second controller on the same manifests (whatever its state dir) would run every agent twice."""
+    git = (settings.git.url, settings.git.path or "") if settings.git is not None else None
+    try:
+        keys = source_keys(settings.manifests, git, host=settings.host_name)
+        return acquire_source(keys, state_dir=settings.state_dir)
+    except SourceLocked as exc:
+        raise UsageError(str(exc)) from None
 
 
 # -- validate / schema / plan -------------------------------------------------

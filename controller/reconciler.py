@@ -72,6 +72,7 @@ class Controller:
         self.manifests_changed = True
         self.controller_id = ""
         self._published_at = 0.0
+        self._commit_retry: asyncio.TimerHandle | None = None
         self._stop_event: asyncio.Event | None = None
 
     # -- setup --------------------------------------------------------------
@@ -82,15 +83,16 @@ class Controller:
         for sub in ("logs", "status", "requests"):
             (self.state_dir / sub).mkdir(mode=0o700, exist_ok=True)
         store = self._open_store(self.state_dir / "state.db")
-        if store.recovered_from:
-            log.error("state store was unusable and was moved aside to %s; rebuilding from live processes",
+        if store.recovered_from:  # only real corruption: a locked store is waited for in Store
+            log.error("state store was corrupt and was moved aside to %s; rebuilding from live processes",
                       store.recovered_from)
+            store.set_meta("recovered_from", store.recovered_from)
         self.controller_id = self._controller_id(store)
         store.set_meta("controller_id", self.controller_id)
         self._wire(store)
         self.publisher = Publisher(self.table, self._status or StatusWriter(self.settings.status_dir), self.clock)
         self._load(store, boot=self.host.boot_id())
-        store.commit()
+        self.table.commit()  # a lock taken since the open is retried by the loop, not a crash
 
     def open_readonly(self) -> None:
         """For `plan`: the same state, read without writing anything."""
@@ -361,10 +363,26 @@ class Controller:
     def publish(self) -> None:
         """Commit the store's pending writes and swap in a new snapshot for the HTTP thread."""
         self._published_at = self.clock.monotonic()
-        self.table.commit()
+        if not self.table.commit():
+            self._retry_commit_soon()
         git = self.intake.git
         self.publisher.snapshot_now(ready=self.ready, manifest_valid=self.intake.manifest_valid,
                                     source=(git.url, git.revision, git.last_sync) if git is not None else None)
+
+    def _retry_commit_soon(self) -> None:
+        """Writes wait in memory while the store refuses them; an idle loop must still try again."""
+        if self._commit_retry is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not running yet (open()): the first pass commits
+
+        def fire() -> None:
+            self._commit_retry = None
+            self.queue.wake()
+
+        self._commit_retry = loop.call_later(1.0, fire)
 
     async def run(self, stop_event: asyncio.Event, background: list[Coroutine[Any, Any, None]] | None = None) -> int:
         wake = self.queue.bind()

@@ -23,6 +23,7 @@ from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
 from controller.planner import plan_agent
 from controller.reconciler import Controller
 from controller.settings import Settings
+from controller.storefaults import StoreError
 from controller.watch import git_poller, resync_ticker, watch_files
 
 log = logging.getLogger("agentctl")
@@ -34,7 +35,11 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     sys.setswitchinterval(0.0005)
     _raise_open_files()
     controller = Controller(settings)
-    controller.open()
+    try:
+        controller.open()
+    except StoreError as exc:  # storefix: locked past the wait, or unusable (not corrupt): exit 2, keep the file
+        log.error("%s", exc)
+        return 2
     metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))
     controller.observe = metrics.observe
     try:

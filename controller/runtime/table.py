@@ -129,28 +129,33 @@ class AgentTable:
         except Exception as exc:  # noqa: BLE001 - an event lost is logged, never fatal
             log.error("cannot record event %s for %s: %s", kind, agent, exc)
 
-    def commit(self) -> None:
-        """Write again what failed, then commit. A commit that fails may have lost the whole
-        transaction: everything written since the last good commit is written again next time."""
+    def commit(self) -> bool:
+        """Write again what failed, then commit; True once everything is on disk. A commit that
+        fails may have lost the whole transaction: what was written since the last good commit
+        is written again next time."""
         if self.store.readonly:
-            return
+            return True
         for key, (write, what) in list(self._unsaved.items()):
             try:
                 write()
             except sqlite3.Error as exc:
                 self._write_failed(f"{what} failed: {exc}")
-                return
+                return False
             del self._unsaved[key]
         try:
-            self.store.commit()
+            saved = self.store.commit() is not False  # False: the store waits to retry a failed commit
         except sqlite3.Error as exc:
             for key, entry in self._pending.items():
                 self._unsaved.pop(key, None)
                 self._unsaved[key] = entry
             self._write_failed(f"state store commit failed: {exc}")
-            return
-        self._pending.clear()
-        self.state_error = None
+            return False
+        if saved:
+            self._pending.clear()
+            if self.state_error is not None:
+                log.info("state store writes succeed again")
+            self.state_error = None
+        return saved
 
     def _write(self, key: tuple[str, ...], write: Callable[[], object], what: str) -> None:
         """Memory is authoritative: a write that fails is kept (the newest per row) and redone."""

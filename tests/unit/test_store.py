@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import sqlite3
 import stat
-from collections.abc import Iterator
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controller import store as store_module
 from controller.model import ExitInfo, ExitReason, Handle, InstanceRecord, RunState
 from controller.store import AgentRow, Event, Store, open_readonly
+from controller.storefaults import StoreError
 
 
 @pytest.fixture
@@ -100,6 +105,7 @@ def test_old_events_are_pruned_so_the_database_stays_bounded(store: Store, monke
     monkeypatch.setattr(store_module, "EVENTS_KEPT", 10)
     for i in range(1000):
         store.add_event(Event(float(i), "a", None, "Exited", "Error", f"event {i}"))
+    store.commit()  # writes are buffered until the reconciler's commit, once per pass
     assert store.db.execute("SELECT COUNT(*) FROM events").fetchone() == (10,)
     assert [e.message for e in store.events("a", limit=100)] == [f"event {i}" for i in range(990, 1000)]
 
@@ -153,3 +159,199 @@ def test_read_only_store_reads_but_cannot_write(tmp_path: Path, store: Store) ->
 
 def test_read_only_open_of_a_missing_state_dir_is_none(tmp_path: Path) -> None:
     assert open_readonly(tmp_path / "nothing") is None
+
+
+# -- locks, failed commits and counters (real SQLite, a real second process holding the lock) --
+class Holder:
+    """Another process with `BEGIN EXCLUSIVE` open on the database until released (or `seconds`)."""
+
+    def __init__(self, path: Path, *, readers_too: bool = False, seconds: float = 60.0) -> None:
+        code = textwrap.dedent(f"""
+            import select, sqlite3, sys
+            db = sqlite3.connect({str(path)!r}, isolation_level=None, timeout=10)
+            if {readers_too!r}:
+                db.execute("PRAGMA locking_mode = EXCLUSIVE")
+            db.execute("BEGIN EXCLUSIVE")
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('holder', 'x')")
+            print("locked", flush=True)
+            select.select([sys.stdin], [], [], {seconds!r})
+            db.execute("ROLLBACK")
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
+
+
+@pytest.fixture
+def holder_factory() -> Iterator[Callable[..., Holder]]:
+    made: list[Holder] = []
+
+    def make(path: Path, **kwargs: Any) -> Holder:
+        made.append(Holder(path, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        if h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait(10)
+        for pipe in (h.proc.stdin, h.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+def _seeded(path: Path) -> None:
+    s = Store(path)
+    s.put_instance(FULL)
+    s.set_counter("reviewer", "Error", 14)
+    s.add_event(Event(1.0, "reviewer", None, "Exited", "Error", "before the lock"))
+    s.close()
+
+
+@pytest.mark.parametrize("readers_too", [False, True], ids=["write-lock", "exclusive-mode"])
+def test_a_store_locked_by_another_process_is_waited_for_and_never_set_aside(
+        tmp_path: Path, holder_factory: Callable[..., Holder], readers_too: bool) -> None:
+    path = tmp_path / "state.db"
+    _seeded(path)
+    holder_factory(path, readers_too=readers_too, seconds=3.0)  # longer than one busy timeout
+    store = Store(path, wait_seconds=60)  # opening needs the write lock: it returns once the holder let go
+    try:
+        assert store.recovered_from is None
+        assert store.instances() == [FULL]
+        assert store.counters() == {("reviewer", "Error"): 14}
+        assert [e.message for e in store.events("reviewer")] == ["before the lock"]
+    finally:
+        store.close()
+    assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
+
+
+def test_a_store_locked_past_the_wait_is_an_error_naming_the_holder_and_is_kept(
+        tmp_path: Path, holder_factory: Callable[..., Holder]) -> None:
+    path = tmp_path / "state.db"
+    _seeded(path)
+    holder = holder_factory(path, readers_too=True)
+    with pytest.raises(StoreError, match=rf"still locked after \d+s \(held by pid {holder.proc.pid} "):
+        Store(path, wait_seconds=1.5)
+    holder.release()
+    assert not [p for p in tmp_path.iterdir() if "corrupt" in p.name]
+    store = Store(path)
+    try:
+        assert store.instances() == [FULL]
+    finally:
+        store.close()
+
+
+def test_a_store_that_cannot_be_opened_for_another_reason_is_an_error_and_nothing_is_moved(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    path.mkdir()  # not corrupt, not locked: unusable as it is, and not ours to replace
+    with pytest.raises(StoreError, match="cannot be opened"):
+        Store(path)
+    assert path.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["state.db"]
+
+
+def test_a_failed_commit_keeps_every_write_for_the_next_one(
+        tmp_path: Path, holder_factory: Callable[..., Holder], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "RETRY_AFTER", 0.0)
+    path = tmp_path / "state.db"
+    store = Store(path)
+    try:
+        store.put_instance(InstanceRecord(id="gone-0", agent="gone", index=0, supervisor="process", spec_hash="h",
+                                          state=RunState.EXITED))
+        store.commit()
+        holder = holder_factory(path)
+        store.put_instance(FULL)
+        store.delete_instance("gone-0")
+        store.put_agent(AgentRow("reviewer", "r.yaml", {"spec": {}}, "h", 1.0))
+        store.set_counter("reviewer", "Error", 3)
+        store.add_event(Event(2.0, "reviewer", "reviewer-1", "Exited", "Error", "during the lock"))
+        store.set_meta("boot_id", "b1")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.commit()
+        # memory is authoritative: the store's own reads see the buffered writes
+        assert store.instances() == [FULL]
+        assert list(store.agents()) == ["reviewer"]
+        assert store.counters() == {("reviewer", "Error"): 3}
+        assert store.meta("boot_id") == "b1"
+        assert [e.message for e in store.events("reviewer")] == ["during the lock"]
+        store.set_counter("reviewer", "Error", 4)
+        holder.release()
+        assert store.commit() is True
+        assert store.pending.empty()
+    finally:
+        store.close()
+    again = Store(path)
+    try:
+        assert again.instances() == [FULL]
+        assert list(again.agents()) == ["reviewer"]
+        assert again.counters() == {("reviewer", "Error"): 4}
+        assert again.meta("boot_id") == "b1"
+        assert [e.message for e in again.events("reviewer")] == ["during the lock"]
+    finally:
+        again.close()
+
+
+def test_counter_bumps_of_a_commit_that_failed_on_a_full_database_are_saved_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "RETRY_AFTER", 0.0)
+    path = tmp_path / "state.db"
+    store = Store(path)
+    try:
+        for value in range(1, 10):
+            store.set_counter("a", "Error", value)
+        store.commit()
+        pages = store.db.execute("PRAGMA page_count").fetchone()[0]
+        store.db.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own "database or disk is full"
+        for value in range(10, 15):
+            store.set_counter("a", "Error", value)
+            store.add_event(Event(float(value), "a", None, "Exited", "Error", "x" * 20_000))
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            store.commit()
+        store.db.execute("PRAGMA max_page_count = 1073741823")
+        assert store.commit() is True
+    finally:
+        store.close()
+    again = Store(path)
+    try:
+        assert again.counters() == {("a", "Error"): 14}
+        assert len(again.events("a", 100)) == 5
+    finally:
+        again.close()
+
+
+def test_a_counter_in_the_store_never_goes_down(tmp_path: Path, store: Store) -> None:
+    store.set_counter("a", "Error", 14)
+    store.commit()
+    store.set_counter("a", "Error", 9)  # a memory that lost a commit is behind the store
+    store.commit()
+    assert store.counters() == {("a", "Error"): 14}
+    store.drop_counters("a")  # a deleted agent's counters go, and a new agent of that name starts at 0
+    store.set_counter("a", "Error", 1)
+    store.commit()
+    assert store.counters() == {("a", "Error"): 1}
+
+
+def test_a_commit_in_the_pause_after_a_failure_is_deferred_without_an_error(
+        tmp_path: Path, holder_factory: Callable[..., Holder], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "RETRY_AFTER", 3600.0)
+    path = tmp_path / "state.db"
+    store = Store(path)
+    holder = holder_factory(path)
+    store.set_counter("a", "Error", 1)
+    with pytest.raises(sqlite3.OperationalError):
+        store.commit()
+    store.set_counter("a", "Error", 2)
+    assert store.commit() is False  # the loop is not held up by a lock it just found taken
+    assert store.counters() == {("a", "Error"): 2}
+    holder.release()
+    store.close()  # the last commit at exit is not deferred
+    again = Store(path)
+    try:
+        assert again.counters() == {("a", "Error"): 2}
+    finally:
+        again.close()
