@@ -13,6 +13,7 @@ import http.client
 import io
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -45,6 +46,7 @@ HTML_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
+PAGE_PATH = re.compile(r"/(agents/[a-z0-9-]{1,63}/?)?")
 Response = tuple[int, bytes, str]
 
 
@@ -196,7 +198,9 @@ class App:
 
     def _redeem(self, request: Request, token: str) -> Reply:
         clean = {k: v for k, v in request.query.items() if k != "token"}
-        location = request.path + (f"?{urllib.parse.urlencode(clean)}" if clean else "")
+        # back to the page asked for, and only to one of ours: never "//host" or "/\\host"
+        path = request.path if PAGE_PATH.fullmatch(request.path) else "/"
+        location = path + (f"?{urllib.parse.urlencode(clean)}" if clean else "")
         if self.web.state_dir is None or not access.redeem_token(self.web.state_dir, token, time.time()):
             body = self.pages.token_refused()
             return Reply(403, body, "text/html; charset=utf-8", HTML_HEADERS)

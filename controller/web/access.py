@@ -66,8 +66,14 @@ def issue_token(state_dir: Path) -> str:
     os.chmod(tokens, 0o700)
     prune_tokens(state_dir, time.time())
     token = secrets.token_urlsafe(32)
-    fd = os.open(_token_path(state_dir, token), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    path = _token_path(state_dir, token)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     os.close(fd)
+    owner = os.stat(state_dir).st_uid
+    if os.geteuid() == 0 and owner != 0:
+        # root asking for a controller that runs as its own user: that user must read and consume it
+        os.chown(tokens, owner, -1)
+        os.chown(path, owner, -1)
     return token
 
 

@@ -26,6 +26,7 @@ HTML = "text/html; charset=utf-8"
 STATIC = {"style.css": "text/css; charset=utf-8", "page.js": "text/javascript; charset=utf-8"}
 LOG_LINES = 40
 EVENTS = 20
+MAX_SHOWN = 8  # instances whose log tail and screen one page view reads (the page polls every second)
 
 
 class View(Protocol):
@@ -89,10 +90,11 @@ class Pages:
         events, error = self._events(name)
         if not logs:
             return render.Extras(events=events, events_error=error)
-        ids = [str(i.get("id")) for i in doc.get("instances") or []]
+        every = [str(i.get("id")) for i in doc.get("instances") or []]
+        ids = every[:MAX_SHOWN]
         return render.Extras(events=events, events_error=error, logs_allowed=True,
                              log_tails={iid: self._tail(iid) for iid in ids},
-                             screens=self._screens(doc, snap, ids))
+                             screens=self._screens(doc, snap, ids), not_shown=len(every) - len(ids))
 
     def _events(self, name: str) -> tuple[list[render.EventRow], str | None]:
         if self.state_dir is None:

@@ -38,6 +38,7 @@ class Extras:
     logs_allowed: bool = False
     log_tails: Mapping[str, Sequence[str]] | None = None  # instance id -> last lines
     screens: Mapping[str, str] | None = None  # tmux instance id -> screen text
+    not_shown: int = 0  # instances whose log is left out to keep a page view cheap
 
 
 def e(value: object) -> str:
@@ -212,6 +213,8 @@ def _logs(extras: Extras) -> str:
                                            else '<p class="empty">No output yet.</p>'))
     for iid, screen in (extras.screens or {}).items():
         out.append(f'<h4>{e(iid)} screen</h4>{_pre(screen.splitlines(), "screen", f"screen of {iid}")}')
+    if extras.not_shown:
+        out.append(f'<p class="empty">{extras.not_shown} more instances: see <code>agentctl logs</code>.</p>')
     return "".join(out) or '<p class="empty">No log.</p>'
 
 

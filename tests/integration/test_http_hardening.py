@@ -310,6 +310,12 @@ def test_a_token_works_once_and_only_when_made_by_dashboard_recently(ctl: Contro
         f.chmod(0o644)  # not a file only its owner can read: not one `dashboard` made
     assert redeem(ctl, loose)[0] == 403
     assert redeem(ctl, f"http://127.0.0.1:{ctl.port}/?token=../../state.db")[0] == 403
+    # the redirect goes back to a page of ours only, never to another site
+    for target, location in (("/agents/x/", "/agents/x/"), ("/\\evil.example/", "/"), ("//evil.example/", "/"),
+                             ("/%2F%2Fevil.example", "/")):
+        token = dashboard_url(ctl).rsplit("=", 1)[1]
+        code, headers = redeem(ctl, f"{target}?token={token}")
+        assert (code, headers["location"]) == (303, location), target
     assert redeem(ctl, f"http://127.0.0.1:{ctl.port}/?token=")[0] == 403
 
 
