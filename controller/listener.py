@@ -121,12 +121,14 @@ class Listener:
             self._admit(sock, addr)
 
     def _accept_failed(self, exc: OSError) -> None:
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            # The listening socket stays readable: stop watching it for a moment instead of spinning.
-            log.warning("HTTP accept failed (%s); pausing new connections for %.1fs", exc.strerror, ACCEPT_PAUSE)
-            self._sel.unregister(self.socket)
-            self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-        # ECONNABORTED and the like: that client is gone, nothing to do
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            return  # ECONNABORTED and the like: that client is gone, nothing to do
+        if exc.errno == errno.EMFILE and self._evict_oldest():
+            return  # out of fds while holding idle connections: one of them makes room for this one
+        # The listening socket stays readable: stop watching it for a moment instead of spinning.
+        log.warning("HTTP accept failed (%s); pausing new connections for %.1fs", exc.strerror, ACCEPT_PAUSE)
+        self._sel.unregister(self.socket)
+        self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def _resume_accepting(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:

@@ -339,3 +339,28 @@ def test_dashboard_without_a_desktop_only_prints(ctl: Controller, tmp_path: Path
     assert result.returncode == 0 and "/?token=" in result.stdout
     assert not (tmp_path / "opened").exists()
 
+
+
+def test_with_its_fd_table_full_the_listener_makes_room_instead_of_spinning(ctl: Controller) -> None:
+    import resource
+
+    ctl.apply("steady", sleeper())
+    ctl.start()
+    ctl.wait_phase("steady", "Running", timeout=60)
+    pid = ctl.proc.pid if ctl.proc else 0
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    held: list[socket.socket] = []
+    try:
+        # a few fds to spare, far fewer than the connection bound: accept() fails with EMFILE
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (fd_count(pid) + 6, limits[1]))
+        for _ in range(40):
+            held.append(socket.create_connection(("127.0.0.1", ctl.port), timeout=5))
+        for _ in range(5):
+            assert get(ctl, "/healthz")[0] == 200  # an idle connection was closed to make room
+        assert fd_count(pid) <= limits[0]
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        for s in held:
+            s.close()
+    assert ctl.proc is not None and ctl.proc.poll() is None
+    assert ctl.wait_phase("steady", "Running")["restarts"] == 0
