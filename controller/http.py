@@ -25,6 +25,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import psutil
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from controller.listener import MAX_HEAD, Listener
@@ -249,6 +250,16 @@ def _phrase(code: int) -> str:
         return "Unknown"
 
 
+def _interface_addresses() -> tuple[str, ...]:
+    """The host's IP addresses (as of start), which a wildcard bind answers on."""
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                found.append(a.address.split("%", 1)[0].lower())  # fe80::1%eth0: no zone in a Host
+    return tuple(found)
+
+
 def _not_yet(sock: socket.socket, head: bytes, addr: tuple[str, int]) -> None:
     raise RuntimeError("listener not started")  # never reached: serving starts after the App is set
 
@@ -260,7 +271,9 @@ def serve(host: str, port: int, snapshot: Callable[[], SnapshotView], metrics: M
     listener = Listener(host, port, _not_yet)
     bound_host, bound_port = listener.server_address[0], int(listener.server_address[1])
     # the App needs the bound port (port 0 picks one) to know its own Host names
-    listener.handler = App(snapshot, metrics, web, access.own_hosts(bound_host, bound_port), bound_port)
+    interfaces = _interface_addresses() if bound_host in access.WILDCARDS else ()
+    own = access.own_hosts(bound_host, bound_port, interfaces)
+    listener.handler = App(snapshot, metrics, web, own, bound_port)
     thread = threading.Thread(target=listener.serve_forever, name="agentctl-http", daemon=True)
     thread.start()
     return listener

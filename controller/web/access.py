@@ -26,11 +26,12 @@ WILDCARDS = ("0.0.0.0", "::")
 
 
 # -- Host names -----------------------------------------------------------------
-def own_hosts(bound_host: str, port: int) -> frozenset[str]:
-    """Host header values that name the listener itself, as bound."""
+def own_hosts(bound_host: str, port: int, interfaces: tuple[str, ...] = ()) -> frozenset[str]:
+    """Host header values that name the listener itself, as bound; `interfaces` are the host's
+    addresses, which a wildcard bind (0.0.0.0, ::) listens on too."""
     if bound_host in WILDCARDS:
-        # bound everywhere (asked for explicitly): loopback names still reach it
-        hosts = {"127.0.0.1", "localhost", "[::1]"}
+        # bound everywhere (asked for explicitly): every address of the host, loopback included
+        hosts = {"localhost"} | {f"[{a}]" if ":" in a else a for a in ("127.0.0.1", "::1", *interfaces)}
     elif ":" in bound_host:
         hosts = {f"[{bound_host}]"} | ({"localhost"} if bound_host == "::1" else set())
     else:

@@ -116,3 +116,11 @@ def test_request_heads_are_parsed_or_refused() -> None:
         assert isinstance(refused, Reply) and refused.code == 400, bad
     huge = parse_head(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n")
     assert isinstance(huge, Reply) and huge.code == 431
+
+
+def test_a_wildcard_bind_answers_every_address_of_the_host_and_no_other() -> None:
+    own = own_hosts("0.0.0.0", 9478, ("192.0.2.2", "fd00::2"))
+    for header in ("192.0.2.2:9478", "[fd00::2]:9478", "127.0.0.1:9478", "localhost:9478", "[::1]:9478"):
+        assert host_allowed(header, own, ()), header
+    for header in ("198.51.100.9:9478", "gpu-1.internal:9478", "192.0.2.2:9479"):
+        assert not host_allowed(header, own, ()), header
