@@ -1,9 +1,6 @@
-"""The read-only HTTP listener: /metrics, /healthz, /readyz, /api/v1/agents[/NAME], and the status
-page (/, /agents/NAME, /static/...).
-
-Runtime layer; the runner starts it on --metrics-addr. Its threads (controller.listener) only read
-the controller's immutable snapshot: nothing served here can change state (GET and HEAD only,
-every other method is 405). It answers only Host names of its own or given with
+"""What the read-only HTTP listener answers: /metrics, /healthz, /readyz, /api/v1/agents[/NAME] and
+the status page. Runtime layer; the runner calls serve(). Reads only the controller's immutable
+snapshot (GET and HEAD; any other method is 405), answers only its own Host names and those of
 --http-allowed-hosts, and gives log lines only to a browser holding a dashboard session.
 """
 

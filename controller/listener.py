@@ -1,10 +1,7 @@
-"""A bounded TCP listener: one selector thread holds every connection until its request head
-is in, then a fixed pool of worker threads answers it.
-
-Runtime layer; http.serve() builds one. It bounds what any local user can make the controller
-hold: at most MAX_CONNECTIONS sockets (the oldest idle one is closed for a new one), WORKERS
-threads, and HEAD_TIMEOUT seconds to send a request head. It knows nothing of HTTP semantics
-beyond finding the end of a request head.
+"""A bounded TCP listener: one selector thread holds each connection until its request head is
+in, then a fixed pool of worker threads answers it. Runtime layer; http.serve() builds one.
+It bounds what any local user can make the controller hold (sockets, threads, seconds per head)
+and knows nothing of HTTP beyond finding the end of a request head.
 """
 
 from __future__ import annotations
