@@ -32,6 +32,15 @@ def _desktop() -> bool:
     return sys.platform == "darwin" or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+def _foreign(state_dir: Path) -> bool:
+    """The state dir (or a directory above it) is another user's: no token for us."""
+    try:
+        exists = state_dir.is_dir()
+    except OSError:
+        return True
+    return exists and not os.access(state_dir, os.R_OK | os.W_OK | os.X_OK)
+
+
 def _listener(state_dir: Path) -> str | None:
     try:
         info = json.loads((state_dir / "controller.json").read_text())
@@ -42,6 +51,10 @@ def _listener(state_dir: Path) -> str | None:
 
 
 def dashboard(state_dir: Path, *, running: bool, open_browser: bool) -> int:
+    if _foreign(state_dir):
+        print(f"error: state dir {state_dir} is not accessible to this user: only the controller's own user "
+              "can make an access token", file=sys.stderr)
+        return 1
     addr = _listener(state_dir) if running else None
     if addr is None:
         print(f"error: no controller is running on state dir {state_dir}; start it with `agentctl run`",

@@ -366,3 +366,20 @@ def test_with_its_fd_table_full_the_listener_makes_room_instead_of_spinning(ctl:
             s.close()
     assert ctl.proc is not None and ctl.proc.poll() is None
     assert ctl.wait_phase("steady", "Running")["restarts"] == 0
+
+
+def test_another_local_user_cannot_get_an_access_token(ctl: Controller, other_user: pwd.struct_passwd) -> None:
+    ctl.start()
+    python = python_for(other_user)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join([str(Path(__file__).parents[2]), *site])}
+    probe = subprocess.run([python, "-c", "import controller.cli"], user=other_user.pw_uid, group=other_user.pw_gid,
+                           cwd="/", env=env, capture_output=True, text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"the second user cannot import agentctl from this checkout: {probe.stderr[-300:]}")
+    result = subprocess.run([python, "-m", "controller", "dashboard", "--url", "--state-dir", str(ctl.state)],
+                            user=other_user.pw_uid, group=other_user.pw_gid, cwd="/", env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "not accessible to this user" in result.stderr, result.stderr
+    assert "token=" not in result.stdout
+    assert not token_dir(ctl.state).exists() or not list(token_dir(ctl.state).iterdir())
