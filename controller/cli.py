@@ -25,15 +25,8 @@ from controller import __version__, logfiles, status
 from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
-from controller.settings import (
-    ConfigFile,
-    GitSource,
-    Settings,
-    is_loopback,
-    parse_addr,
-    parse_allowed_hosts,
-    parse_host_labels,
-)
+from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
+from controller.settings import parse_allowed_hosts  # http: --http-allowed-hosts
 
 log = logging.getLogger("agentctl")
 
