@@ -28,6 +28,7 @@ from controller.providers import merge_presets
 from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
 from controller.sourcelock import SourceLock, SourceLocked, source_keys
 from controller.sourcelock import acquire as acquire_source
+from controller.settings import parse_allowed_hosts  # http: --http-allowed-hosts
 
 log = logging.getLogger("agentctl")
 
@@ -68,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="one reconcile pass, then exit")
     run.add_argument("--stop-agents-on-exit", action="store_true", default=None)
     run.add_argument("--allow-insecure-manifests", action="store_true", default=None)
+    # http: Host names (beyond the listener's own address) the HTTP listener answers
+    run.add_argument("--http-allowed-hosts", metavar="NAME[:PORT],...",
+                     help="Host header names the HTTP listener also answers (e.g. a reverse proxy's)")
 
     val = sub.add_parser("validate", help="validate manifests without touching anything")
     val.add_argument("paths", nargs="*")
@@ -113,6 +117,11 @@ def parser() -> argparse.ArgumentParser:
     capture.add_argument("--instance", type=int, default=0)
     capture.add_argument("--raw", action="store_true")
     _common(capture)
+
+    # http: the status page's address with a fresh access token
+    dash = sub.add_parser("dashboard", help="print (and on a desktop open) the status page with an access token")
+    dash.add_argument("--url", action="store_true", help="only print the address")
+    _common(dash)
     return top
 
 
@@ -178,6 +187,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "once": getattr(args, "once", False),
     }
     settings = Settings(**{k: v for k, v in values.items() if v is not None},
+                        http_allowed_hosts=_allowed_hosts(args, cfg),  # http: --http-allowed-hosts
                         host_labels=labels, git=git, env=cfg.env,
                         providers={k: v.model_dump(exclude_none=True) for k, v in cfg.providers.items()})
     if settings.resync <= 0:
@@ -188,6 +198,15 @@ def build_settings(args: argparse.Namespace) -> Settings:
     if not base.is_dir():
         raise UsageError(f"--base-dir {settings.base_dir}: not a directory")
     return settings.model_copy(update={"base_dir": base})
+
+
+def _allowed_hosts(args: argparse.Namespace, cfg: ConfigFile) -> tuple[str, ...]:
+    # http: --http-allowed-hosts over the config file's httpAllowedHosts
+    value = _pick(getattr(args, "http_allowed_hosts", None), cfg.http_allowed_hosts)
+    try:
+        return parse_allowed_hosts(value) if value is not None else ()
+    except ValueError as exc:
+        raise UsageError(f"--http-allowed-hosts: {exc}") from exc
 
 
 def state_dir_of(args: argparse.Namespace) -> Path:
@@ -513,9 +532,18 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dashboard (http) -----------------------------------------------------------
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from controller.web.dashboard import dashboard
+
+    state_dir = state_dir_of(args)
+    return dashboard(state_dir, running=controller_running(state_dir), open_browser=not args.url)
+
+
 COMMANDS = {
     "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe,
     "logs": cmd_logs, "restart": cmd_restart, "schema": cmd_schema, "attach": cmd_attach, "capture": cmd_capture,
+    "dashboard": cmd_dashboard,  # http: the status page's address
 }
 
 

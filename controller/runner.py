@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 from controller import status
-from controller.http import serve
+from controller.http import WebOptions, serve
 from controller.metrics import Metrics
 from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
 from controller.planner import plan_agent
 from controller.reconciler import Controller
 from controller.settings import Settings
 from controller.storefaults import StoreError
+from controller.web.pages import screen_reader
 from controller.watch import git_poller, resync_ticker, watch_files
 
 log = logging.getLogger("agentctl")
@@ -43,7 +44,10 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))
     controller.observe = metrics.observe
     try:
-        server = serve(host, port, lambda: controller.snapshot, metrics)
+        # http: the status page reads tokens/events/logs under the state dir and tmux screens
+        web = WebOptions(settings.state_dir, settings.http_allowed_hosts,
+                         screen_reader(settings.state_dir, controller.controller_id))
+        server = serve(host, port, lambda: controller.snapshot, metrics, web)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         if controller.store is not None:

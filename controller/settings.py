@@ -6,6 +6,7 @@ merge rule "command line over config file over built-in default". Reads no files
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,6 +60,7 @@ class ConfigFile(BaseModel):
     git_ref: str | None = Field(None, alias="gitRef")
     git_path: str | None = Field(None, alias="gitPath")
     git_interval: float | None = Field(None, gt=0, alias="gitInterval")
+    http_allowed_hosts: str | list[str] | None = Field(None, alias="httpAllowedHosts")  # comma list, or a YAML list
     env: dict[EnvKey, NoNulStr] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
 
@@ -85,6 +87,7 @@ class Settings(BaseModel):
     host_name: str = Field(default_factory=socket.gethostname)
     host_labels: dict[str, str] = Field(default_factory=dict)
     allow_insecure_manifests: bool = False
+    http_allowed_hosts: tuple[str, ...] = ()  # Host names the HTTP listener answers beyond its own address
     git: GitSource | None = None
     env: dict[str, str] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -108,6 +111,20 @@ def parse_host_labels(text: str) -> dict[str, str]:
             raise ValueError(f"host label {item!r} is not key=value")
         labels[key] = value
     return labels
+
+
+HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?$")
+
+
+def parse_allowed_hosts(value: str | list[str]) -> tuple[str, ...]:
+    """`--http-allowed-hosts a.example,b.example:8080` -> lowercased names; ValueError names a bad one."""
+    items = value.split(",") if isinstance(value, str) else value
+    names = []
+    for item in filter(None, (p.strip() for p in items)):
+        if not HOST_RE.match(item):
+            raise ValueError(f"allowed host {item!r} is not NAME or NAME:PORT (no scheme, no path)")
+        names.append(item.lower())
+    return tuple(names)
 
 
 def parse_addr(text: str) -> tuple[str, int]:

@@ -174,7 +174,7 @@ def test_agents_api_lists_statuses_by_name_and_serves_one(served: Served) -> Non
     assert served.request("/api/v1/agents/alpha/")[0] == 200
 
 
-@pytest.mark.parametrize("path", ["/api/v1/agents/nope", "/api/v1/agents/alpha/extra", "/", "/nope", "/metricsx"])
+@pytest.mark.parametrize("path", ["/api/v1/agents/nope", "/api/v1/agents/alpha/extra", "/nope", "/metricsx"])
 def test_unknown_agent_or_path_is_404_with_a_json_error(served: Served, path: str) -> None:
     code, headers, body = served.request(path)
     assert code == 404 and headers["content-type"] == "application/json"
