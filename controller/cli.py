@@ -25,7 +25,15 @@ from controller import __version__, logfiles, status
 from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
-from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
+from controller.settings import (
+    ConfigFile,
+    Coordination,
+    GitSource,
+    Settings,
+    is_loopback,
+    parse_addr,
+    parse_host_labels,
+)
 
 log = logging.getLogger("agentctl")
 
@@ -50,6 +58,14 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-name")
     p.add_argument("--host-labels", help="k=v,k2=v2")
     p.add_argument("--max-agents", type=int)
+    _fleet_flags(p)
+
+
+def _fleet_flags(p: argparse.ArgumentParser) -> None:
+    """CONTRACT §10: a fleet coordinated by etcd."""
+    p.add_argument("--etcd-endpoints", help="URL[,URL...] of etcd: join a coordinated fleet")
+    p.add_argument("--fleet", help="fleet name: keys live under /agentctl/<fleet>/ (default: default)")
+    p.add_argument("--lease-ttl", type=int, help="seconds, 2..60 (default 10)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -79,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", help="list agents")
     get.add_argument("name", nargs="?")
-    get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    get.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
     _common(get)
 
     desc = sub.add_parser("describe", help="show one agent in detail")
@@ -110,6 +126,14 @@ def parser() -> argparse.ArgumentParser:
     capture.add_argument("--instance", type=int, default=0)
     capture.add_argument("--raw", action="store_true")
     _common(capture)
+
+    for verb, text in (("drain", "move every instance off HOST and keep new ones off"),
+                       ("uncordon", "let HOST take instances again")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("host")
+        cmd.add_argument("--config", help="controller config file (YAML): its coordination block")
+        _fleet_flags(cmd)
+        _common(cmd)
     return top
 
 
@@ -175,7 +199,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         "once": getattr(args, "once", False),
     }
     settings = Settings(**{k: v for k, v in values.items() if v is not None},
-                        host_labels=labels, git=git, env=cfg.env,
+                        host_labels=labels, git=git, env=cfg.env, coordination=coordination(args, cfg),
                         providers={k: v.model_dump(exclude_none=True) for k, v in cfg.providers.items()})
     if settings.resync <= 0:
         raise UsageError("--resync must be positive")
@@ -185,6 +209,38 @@ def build_settings(args: argparse.Namespace) -> Settings:
     if not base.is_dir():
         raise UsageError(f"--base-dir {settings.base_dir}: not a directory")
     return settings.model_copy(update={"base_dir": base})
+
+
+def coordination(args: argparse.Namespace, cfg: ConfigFile) -> Coordination | None:
+    """--etcd-endpoints/--fleet/--lease-ttl over the config's `coordination:` (CONTRACT §10)."""
+    endpoints = getattr(args, "etcd_endpoints", None)
+    base = cfg.coordination
+    if endpoints is None and base is None:
+        if getattr(args, "fleet", None) is not None or getattr(args, "lease_ttl", None) is not None:
+            raise UsageError("--fleet and --lease-ttl need --etcd-endpoints (or coordination: in --config)")
+        return None
+    data: dict[str, Any] = base.model_dump(by_alias=True) if base is not None else {"etcd": {}}
+    if endpoints is not None:
+        data["etcd"]["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
+    for flag, key in (("fleet", "fleet"), ("lease_ttl", "leaseTTL")):
+        if getattr(args, flag, None) is not None:
+            data[key] = getattr(args, flag)
+    try:
+        return Coordination.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError("; ".join(f"coordination.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                   for e in exc.errors(include_url=False))) from exc
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    cfg = coordination(args, load_config(args.config))
+    if cfg is None:
+        raise UsageError(f"{args.command} needs --etcd-endpoints (or coordination: in --config)")
+    from controller.fleet.admin import drain
+
+    code, message = drain(cfg, args.host, on=args.command == "drain")
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def state_dir_of(args: argparse.Namespace) -> Path:
@@ -360,11 +416,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.output == "yaml":
         print(yaml.safe_dump(docs[0] if args.name else {"items": docs}, sort_keys=False), end="")
         return 0
-    rows = [("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR")]
+    rows: list[tuple[str, ...]] = [("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR")]
+    wide = args.output == "wide"
+    if wide:
+        rows = [(*rows[0], "HOST")]  # fleet: where the instances run (CONTRACT §10)
     for d in docs:
         rep = d.get("replicas") or {}
-        rows.append((d["name"], d.get("phase", "?"), f"{rep.get('ready', 0)}/{rep.get('desired', 0)}",
-                     str(d.get("restarts", 0)), _age(d.get("createdAt")), d.get("supervisor", "process")))
+        row: tuple[str, ...] = (d["name"], d.get("phase", "?"), f"{rep.get('ready', 0)}/{rep.get('desired', 0)}",
+               str(d.get("restarts", 0)), _age(d.get("createdAt")), d.get("supervisor", "process"))
+        if wide:
+            hosts = sorted({str(i["host"]) for i in d.get("instances") or [] if i.get("host")})
+            row = (*row, ",".join(hosts) or "-")
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -497,6 +560,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe,
     "logs": cmd_logs, "restart": cmd_restart, "schema": cmd_schema, "attach": cmd_attach, "capture": cmd_capture,
+    "drain": cmd_drain, "uncordon": cmd_drain,
 }
 
 

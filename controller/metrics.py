@@ -299,3 +299,33 @@ class Metrics:
 
     def observe(self, result: str, seconds: float) -> None:
         self.loop.observe(result, seconds)
+
+    def add_fleet(self, collector: Collector) -> None:
+        """Fleet series, rendered on every scrape (they change without a new snapshot)."""
+        self.registry.register(collector)
+        self._per_scrape.register(collector)
+
+
+class FleetCollector(Collector):
+    """CONTRACT §10's fleet metrics, registered only when the controller is coordinated.
+
+    `stats` returns (live hosts, whether this host is the leader, the renewal histogram as
+    (bounds, counts per bucket with +Inf last, sum)).
+    """
+
+    def __init__(self, stats: Callable[[], tuple[int, bool, tuple[tuple[float, ...], list[int], float]]]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        hosts, leader, (bounds, counts, total) = self.stats()
+        yield GaugeMetricFamily("agentctl_fleet_hosts", "Live hosts of the fleet (host records on a live lease).",
+                                value=hosts)
+        yield GaugeMetricFamily("agentctl_fleet_leader", "1 on the host that assigns instances to hosts, else 0.",
+                                value=1 if leader else 0)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily("agentctl_fleet_lease_renewal_seconds",
+                                    "Round trip of each lease renewal (keep-alive) to etcd, failed ones included.",
+                                    buckets=buckets, sum_value=total)

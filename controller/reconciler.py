@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller import logfiles, procfs
 from controller.desired import DesiredAgent, desire, placed_here
@@ -44,6 +44,9 @@ from controller.status import Clock, StatusInput, StatusWriter, render
 from controller.store import AgentRow, Event, Store
 from controller.supervisors.base import Context, ExitStatus, Supervisor, SupervisorError
 from controller.supervisors.registry import build
+
+if TYPE_CHECKING:
+    from controller.fleet.wiring import FleetHooks  # fleet: only the type; never imported at run time
 
 log = logging.getLogger("agentctl")
 T = TypeVar("T")
@@ -95,6 +98,7 @@ class Snapshot:
     state_error: str | None = None  # store or status writes failing right now
     write_errors: int = 0
     source: tuple[str, str | None, float | None] | None = None  # Git: (url, revision, last sync)
+    fleet_error: str | None = None  # fleet: etcd unreachable or lease in doubt -> /readyz 503
 
 
 def clock() -> Clock:
@@ -145,6 +149,7 @@ class Controller:
         self.supervisors: dict[str, Supervisor] = {}
         self.status: StatusWriter | None = None
         self.controller_id = ""
+        self.fleet: FleetHooks | None = None  # fleet: set by controller.fleet.wiring when coordinated
 
     # -- setup --------------------------------------------------------------
     def open(self) -> None:
@@ -224,7 +229,9 @@ class Controller:
             return state
         if loaded is not None:
             state.desired = self._desire(loaded)
-            state.placed = placed_here(manifest, self.settings.host_name, self.settings.host_labels)
+            # fleet: placement picks hosts per instance (the leader's assignment), not per agent
+            state.placed = self.fleet is not None or placed_here(manifest, self.settings.host_name,
+                                                                 self.settings.host_labels)
         return state
 
     def _desire(self, loaded: Loaded) -> DesiredAgent:
@@ -296,7 +303,8 @@ class Controller:
             return  # the loader's cache says nothing this agent reads has changed
         agent.loaded = loaded
         desired = self._desire(loaded)
-        placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
+        # fleet: placement picks hosts per instance (the leader's assignment), not per agent
+        placed = self.fleet is not None or placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
         before = (agent.desired, agent.valid, agent.present, agent.placed, agent.source, agent.source_revision)
         agent.desired, agent.valid, agent.errors, agent.present = desired, True, [], True
         agent.placed, agent.source, agent.source_revision = placed, loaded.source, revision
@@ -374,6 +382,8 @@ class Controller:
 
     def _view(self, agent: AgentState) -> AgentView:
         target = agent.target
+        if target is not None and self.fleet is not None:
+            target = self.fleet.filter(target)  # fleet: only instances this host has claimed run here
         unavailable = None
         if target is not None:
             sup = self.supervisors.get(target.spec.supervisor)
@@ -534,6 +544,9 @@ class Controller:
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self._check_cwd(spec.cwd)
+            if self.fleet is not None:  # fleet: no start without our claim; each start gets a larger token
+                token = await self.fleet.token(spec.id)
+                spec = replace(spec, env=spec.env + (("AGENTCTL_FENCING_TOKEN", str(token)),))
             handle = await self.call(sup, sup.start, spec, self.log_path(spec.id))
         except SupervisorError as exc:
             self.action_failures += 1
@@ -796,6 +809,8 @@ class Controller:
             clock(),
             self.status.previous(agent.name),
         )
+        if self.fleet is not None:  # fleet: every instance of the fleet with its host, FleetReady
+            doc = self.fleet.decorate(doc, self.status.previous(agent.name))
         self.status.write(agent.name, doc)
 
     def _source_ready(self) -> tuple[bool, str] | None:
@@ -826,6 +841,7 @@ class Controller:
             state_error=self.state_error or self.status.last_error,
             write_errors=self.write_errors + self.status.failures,
             source=(self.git.url, self.git.revision, self.git.last_sync) if self.git is not None else None,
+            fleet_error=self.fleet.ready_error() if self.fleet is not None else None,  # fleet: /readyz
         )
         for hook in self.on_publish:
             hook()

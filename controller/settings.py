@@ -33,6 +33,23 @@ class ProviderConfig(BaseModel):
     env: dict[EnvKey, NoNulStr] | None = None
 
 
+class EtcdConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    endpoints: list[str] = Field(min_length=1)
+    ca_file: str | None = Field(None, alias="caFile")
+    cert_file: str | None = Field(None, alias="certFile")
+    key_file: str | None = Field(None, alias="keyFile")
+
+
+class Coordination(BaseModel):
+    """CONTRACT §10: `coordination:` in the config, or --etcd-endpoints/--fleet/--lease-ttl."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+    etcd: EtcdConfig
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    lease_ttl: int = Field(10, ge=2, le=60, alias="leaseTTL")
+
+
 class GitWrapper(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     git: GitSource
@@ -61,6 +78,7 @@ class ConfigFile(BaseModel):
     git_interval: float | None = Field(None, gt=0, alias="gitInterval")
     env: dict[EnvKey, NoNulStr] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    coordination: Coordination | None = None
 
     def git_source(self) -> GitSource | None:
         if isinstance(self.manifests, GitWrapper):
@@ -89,6 +107,7 @@ class Settings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     once: bool = False
+    coordination: Coordination | None = None  # a fleet on etcd (CONTRACT §10); None: this host alone
 
     @property
     def log_dir(self) -> Path:

@@ -56,7 +56,7 @@ class KV(Protocol):
     def revoke(self, lease: int) -> None: ...
     def range(self, prefix: str) -> tuple[int, list[Entry]]: ...
     def txn(self, compares: Sequence[Compare], success: Sequence[Put | Delete]) -> tuple[bool, int]: ...
-    def watch(self, prefix: str, on_event: Callable[[], None]) -> Callable[[], None]: ...
+    def watch(self, prefix: str, on_event: Callable[[], None], on_closed: Callable[[], None]) -> Callable[[], None]: ...
 
 
 def _b64(data: str | bytes) -> str:
@@ -166,9 +166,10 @@ class EtcdKV:
                                        "success": [_op_json(op) for op in success]})
         return bool(reply.get("succeeded", False)), int(reply["header"]["revision"])
 
-    def watch(self, prefix: str, on_event: Callable[[], None]) -> Callable[[], None]:
-        """Calls on_event (from a thread) for every change under prefix; returns cancel.
-        Only a wake-up: the caller re-reads what it needs, so a lost event costs latency only."""
+    def watch(self, prefix: str, on_event: Callable[[], None], on_closed: Callable[[], None]) -> Callable[[], None]:
+        """Calls on_event (from a thread) for every change under prefix, on_closed when the stream
+        ends; returns cancel. Only a wake-up: the caller re-reads what it needs, so a lost event
+        costs latency, never correctness."""
         endpoint = self.endpoints[self._current]
         client = self._client(endpoint)
         events, cancel = client.watch_prefix(prefix)
@@ -179,7 +180,7 @@ class EtcdKV:
                     on_event()
             except Exception:  # noqa: BLE001 - a broken stream ends the watch; the caller re-watches
                 pass
-            on_event()
+            on_closed()
 
         threading.Thread(target=pump, name="etcd-watch", daemon=True).start()
         cancel_fn: Callable[[], None] = cancel

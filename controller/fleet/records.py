@@ -87,7 +87,8 @@ def decode_host(raw: bytes) -> HostRecord | None:
     data = _load(raw)
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
-    labels = data.get("labels") if isinstance(data.get("labels"), dict) else {}
+    raw_labels = data.get("labels")
+    labels: dict[Any, Any] = raw_labels if isinstance(raw_labels, dict) else {}
     capacity = data.get("capacity") if isinstance(data.get("capacity"), int) else None
     return HostRecord(data["name"], {str(k): str(v) for k, v in labels.items()}, capacity,
                       int(data.get("running") or 0), data.get("revision"), str(data.get("controllerId") or ""))
@@ -95,21 +96,20 @@ def decode_host(raw: bytes) -> HostRecord | None:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who holds an instance: the host, and the fencing token of its latest start."""
+    """Who holds an instance. The key's mod revision is the fencing token of its latest start:
+    every start rewrites the key, and etcd's revision only grows."""
 
     host: str
-    token: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({"host": self.host, "token": self.token}, sort_keys=True).encode()
+        return json.dumps({"host": self.host}).encode()
 
 
 def decode_owner(raw: bytes) -> Owner | None:
     data = _load(raw)
     if not isinstance(data, dict) or not isinstance(data.get("host"), str):
         return None
-    token = data.get("token")
-    return Owner(data["host"], token if isinstance(token, int) else 0)
+    return Owner(data["host"])
 
 
 def encode_map(mapping: dict[str, Any]) -> bytes:
