@@ -70,7 +70,7 @@ class Fleet:
                  capacity: int | None, controller_id: str, state_dir: Path,
                  wants: Callable[[], list[Want]], local: Callable[[], dict[str, Local]],
                  mark: Callable[[Iterable[str]], None], mark_all: Callable[[], None],
-                 revision: Callable[[], str | None]) -> None:
+                 revision: Callable[[], str | None], can_lead: Callable[[], bool]) -> None:
         self.cfg = cfg
         self.kv, self.ka = kv, keepalive_kv  # two sessions: a slow read never delays a renewal
         self.keys = Keys(cfg.fleet)
@@ -79,6 +79,8 @@ class Fleet:
         self.state_dir = state_dir
         self.wants, self.local, self.mark, self.revision = wants, local, mark, revision
         self.mark_all = mark_all  # FleetReady changed: every status shows it
+        # a host that has not read its manifests yet would assign nothing, stopping the whole fleet
+        self.can_lead = can_lead
         self.timing = Timing(cfg.lease_ttl)
         self.lease = 0
         self.acked_at: float | None = None  # monotonic send time of the last acknowledged renewal
@@ -104,7 +106,9 @@ class Fleet:
         return self.acked_at is not None and (now or time.monotonic()) < self.timing.stop_at(self.acked_at)
 
     def runnable(self, instance_id: str) -> bool:
-        return instance_id in self.owned and self.held()
+        """Claimed by us, still assigned to us (a drain or move stops it here first), lease held."""
+        return (instance_id in self.owned and self.view.assignments.get(instance_id) == self.host
+                and self.held())
 
     async def token(self, instance_id: str) -> int:
         """Rewrite the owner key (compare-and-swap on our claim) before a start: its new revision
@@ -123,6 +127,11 @@ class Fleet:
             raise SupervisorError(f"the claim of {instance_id} changed in etcd: not starting it")
         self.owned[instance_id] = rev
         return rev
+
+    def poke(self) -> None:
+        """Something the leader assigns from changed here: read and assign again now."""
+        if self._wake is not None:
+            self._wake.set()
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -307,7 +316,7 @@ class Fleet:
         self.view.hosts[self.host] = rec
 
     async def _lead(self, entries: list[Entry]) -> None:
-        if self.view.leader is None:
+        if self.view.leader is None and self.can_lead():
             ok, _ = await asyncio.to_thread(self.kv.txn, [Compare(self.keys.leader, "CREATE", 0)],
                                             [Put(self.keys.leader, self.host.encode(), self.lease)])
             if ok:

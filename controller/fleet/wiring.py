@@ -50,7 +50,7 @@ class FleetHooks:
         replicas and phase, and the FleetReady condition (CONTRACT §10)."""
         return fleet_status(doc, previous, host=self.fleet.host, remote=self.fleet.remote_instances(doc["name"]),
                             error=self.fleet.ready_error(), fleet=self.fleet.cfg.fleet,
-                            hosts=len(self.fleet.view.hosts))
+                            hosts=len(self.fleet.view.hosts), tokens=self.fleet.owned)
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, now: str,
@@ -62,8 +62,10 @@ def _condition(kind: str, ok: bool, reason: str, message: str, now: str,
 
 
 def fleet_status(doc: dict[str, Any], previous: dict[str, Any] | None, *, host: str,
-                 remote: list[dict[str, Any]], error: str | None, fleet: str, hosts: int) -> dict[str, Any]:
-    local = [dict(i, host=host) for i in doc.get("instances", [])]
+                 remote: list[dict[str, Any]], error: str | None, fleet: str, hosts: int,
+                 tokens: dict[str, int]) -> dict[str, Any]:
+    local = [dict(i, host=host, **({"fencingToken": tokens[i["id"]]} if i["id"] in tokens else {}))
+             for i in doc.get("instances", [])]
     local_ids = {i["id"] for i in local}
     others = [{"id": r["id"], "host": r["host"], "pid": r.get("pid"), "startedAt": iso(r.get("startedAt")),
                "state": r.get("state"), **({"fencingToken": r["token"]} if r.get("token") else {})}
@@ -78,11 +80,12 @@ def fleet_status(doc: dict[str, Any], previous: dict[str, Any] | None, *, host: 
             phase = "Running"
         elif not local or phase == "Running":
             phase = "Starting" if others or local else "Pending"
-    if phase != doc["phase"]:
+    ok = phase == "Running" and ready >= desired > 0
+    before = next((c for c in doc["conditions"] if c["type"] == "Ready"), None)
+    if phase != doc["phase"] or (before is not None and (before["status"] == "True") != ok):
         doc["phase"] = phase
-        reason = {"Running": "Running", "Starting": "Starting", "Pending": "Unassigned"}[phase]
-        doc["conditions"] = [c if c["type"] != "Ready" else
-                             _condition("Ready", phase == "Running", reason, "", now, previous)
+        reason = {"Running": "Running", "Starting": "Starting", "Pending": "Unassigned"}.get(phase, phase)
+        doc["conditions"] = [c if c["type"] != "Ready" else _condition("Ready", ok, reason, "", now, previous)
                              for c in doc["conditions"]]
     message = f"fleet {fleet}: {hosts} live hosts" if error is None else error
     doc["conditions"].append(_condition("FleetReady", error is None, "LeaseHeld" if error is None else "EtcdUnavailable",
@@ -144,11 +147,22 @@ def attach(controller: Controller, settings: Settings) -> Fleet:
                   labels=settings.host_labels, capacity=settings.max_agents, controller_id=controller.controller_id,
                   state_dir=settings.state_dir, wants=lambda: _wants(controller), local=lambda: _local(controller),
                   mark=mark, mark_all=mark_all,
-                  revision=lambda: controller.git.revision if controller.git is not None else None)
+                  revision=lambda: controller.git.revision if controller.git is not None else None,
+                  can_lead=lambda: controller.ready and (controller.git is None or controller.git.revision is not None))
     controller.fleet = FleetHooks(fleet)
     for agent in controller.agents.values():
         agent.placed = True  # restored before the hooks existed: placement is per instance now
     controller.on_publish.append(fleet.write_fence)  # a new start reaches the fence without waiting for a renewal
+    seen: list[object] = [None]
+
+    def manifests_changed() -> None:
+        """The leader reassigns as soon as replicas, placement or the agents themselves change."""
+        key = [(w.instance, w.hosts, tuple(sorted((w.labels or {}).items()))) for w in _wants(controller)]
+        if key != seen[0]:
+            seen[0] = key
+            fleet.poke()
+
+    controller.on_publish.append(manifests_changed)
     return fleet
 
 

@@ -1,0 +1,89 @@
+"""A fleet of real controllers on a real etcd cluster: spread, placement, drain (CONTRACT §10)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from tests.helpers import sleeper, wait_for
+
+DEADLINE = 60.0  # a noisy shared 2-core box: generous, never relied on for speed
+
+
+def test_replicas_count_across_the_fleet_and_spread_by_free_capacity(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    a = fleet.host("a", "--max-agents", "4")
+    fleet.host("b", "--max-agents", "2")
+    fleet.apply("w", command=sleeper(), replicas=4)
+    placed = fleet.wait_placed("w-", 4, DEADLINE)
+    assert sorted(placed) == ["w-0", "w-1", "w-2", "w-3"]
+    assert sorted(Counter(placed.values()).values()) == [1, 3]  # free 4 vs 2: a, a, then b, a
+    doc = a.wait_status("w", lambda d: d["replicas"]["ready"] == 4, DEADLINE)
+    assert {i["id"]: i["host"] for i in doc["instances"]} == placed
+    got = json.loads(a.cli("get", "w", "-o", "json").stdout)
+    assert got["replicas"] == {"desired": 4, "ready": 4}
+    wide = a.cli("get", "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-1] == "HOST" and wide[1].split()[-1] == "a,b"
+    fleet.assert_never_twice()
+
+
+def test_placement_filters_the_hosts_of_each_instance(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    fleet.host("a")
+    fleet.host("b")
+    fleet.host("c", "--host-labels", "gpu=true")
+    fleet.apply("pinned", command=sleeper(), replicas=2, placement={"hosts": ["b"]})
+    fleet.apply("gpu", command=sleeper(), replicas=2, placement={"hostLabels": {"gpu": "true"}})
+    fleet.apply("none", command=sleeper(), replicas=1, placement={"hosts": []})
+    assert set(fleet.wait_placed("pinned-", 2, DEADLINE).values()) == {"b"}
+    assert set(fleet.wait_placed("gpu-", 2, DEADLINE).values()) == {"c"}
+    doc = fleet.hosts["a"].wait_status("none", lambda d: d["phase"] == "Pending", DEADLINE)
+    assert doc["replicas"] == {"desired": 1, "ready": 0}
+    assert not [i for i in fleet.where() if i.startswith("none-")]
+    fleet.assert_never_twice()
+
+
+def test_drain_moves_instances_off_a_host_and_uncordon_lets_it_take_new_ones(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    a = fleet.host("a")
+    fleet.host("b")
+    fleet.apply("d", command=sleeper(), replicas=4)
+    before = fleet.wait_placed("d-", 4, DEADLINE)
+    assert set(before.values()) == {"a", "b"}
+    flags = ["--etcd-endpoints", fleet.etcd.endpoints, "--fleet", fleet.name]
+    done = a.cli("drain", "b", *flags)
+    assert done.returncode == 0, done.stderr
+    after = fleet.wait_placed("d-", 4, DEADLINE, where={"a"})
+    assert set(after) == set(before)
+    doc = a.wait_status("d", lambda d: d["replicas"]["ready"] == 4 and all(i["host"] == "a" for i in d["instances"]),
+                        DEADLINE)
+    assert [i["host"] for i in doc["instances"]] == ["a"] * 4
+    moved = [i for i, h in before.items() if h == "b"]
+    assert all(json.loads(a.cli("get", "d", "-o", "json").stdout) for _ in moved)
+    done = a.cli("uncordon", "b", *flags)
+    assert done.returncode == 0, done.stderr
+    fleet.apply("e", command=sleeper(), replicas=2)  # b has the most free capacity again
+    assert set(fleet.wait_placed("e-", 2, DEADLINE).values()) == {"b"}
+    assert fleet.placement("d-") == after  # uncordon moves nothing back
+    fleet.assert_never_twice()
+
+
+def test_fleet_metrics_and_readiness(fleet_factory: Any) -> None:
+    fleet = fleet_factory()
+    a = fleet.host("a")
+    b = fleet.host("b")
+
+    def gauge(ctl: Any, name: str) -> float | None:
+        code, body = ctl.http("/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    wait_for(lambda: gauge(a, "agentctl_fleet_hosts") == 2 and gauge(b, "agentctl_fleet_hosts") == 2, DEADLINE,
+             message="both hosts see 2 live hosts")
+    assert (gauge(a, "agentctl_fleet_leader"), gauge(b, "agentctl_fleet_leader")) in ((1.0, 0.0), (0.0, 1.0))
+    count = gauge(a, "agentctl_fleet_lease_renewal_seconds_count")
+    assert count is not None and count >= 1
+    assert a.http("/readyz")[0] == 200
