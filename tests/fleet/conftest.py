@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fleet.etcd_cluster import Cluster
-from tests.helpers import Controller, pid_alive, wait_for
+from tests.helpers import Controller, kill_group, marked_pids, pid_alive, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd (Debian etcd-server) is not installed")
 
@@ -32,7 +32,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster.stop_all()
 
 
-def instance_hosts(controller_ids: dict[str, str]) -> dict[str, set[str]]:
+def instance_hosts(controller_ids: dict[str, str], pids: dict[str, set[int]] | None = None) -> dict[str, set[str]]:
     """instance -> the hosts (by AGENTCTL_CONTROLLER_ID) on which a live process of it runs now."""
     found: dict[str, set[str]] = {}
     for name in os.listdir("/proc"):
@@ -51,6 +51,8 @@ def instance_hosts(controller_ids: dict[str, str]) -> dict[str, set[str]]:
                 cid = item.split(b"=", 1)[1].decode()
         if inst and cid in controller_ids and pid_alive(int(name)):
             found.setdefault(inst, set()).add(controller_ids[cid])
+            if pids is not None:
+                pids.setdefault(inst, set()).add(int(name))
     return found
 
 
@@ -101,6 +103,22 @@ class Fleet:
 
     def where(self) -> dict[str, set[str]]:
         return instance_hosts(dict(self.sampler.ids))
+
+    def pids(self, prefix: str = "") -> dict[str, set[int]]:
+        """instance -> the pids of its live processes."""
+        out: dict[str, set[int]] = {}
+        instance_hosts(dict(self.sampler.ids), out)
+        return {i: p for i, p in out.items() if i.startswith(prefix)}
+
+    def crash(self, name: str) -> None:
+        """The whole host dies: its controller, its fence and its agents, all SIGKILLed."""
+        ctl = self.hosts[name]
+        cid = ctl.controller_id()
+        assert ctl.proc is not None
+        kill_group(ctl.proc.pid)  # the controller and its fence share this group
+        ctl.proc.wait(10)
+        for pid in marked_pids(cid or "-"):
+            kill_group(os.getpgid(pid) if pid_alive(pid) else pid)
 
     def placement(self, prefix: str = "") -> dict[str, str]:
         """instance -> its one host, once every instance runs on exactly one."""
