@@ -207,7 +207,9 @@ class Fleet:
     async def _renew_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                if not await self._renew(self.lease):
+                if not self.lease:
+                    await self._acquire()  # etcd was unreachable when we started
+                elif not await self._renew(self.lease):
                     await self._lost()
                 elif self.error and self.error.startswith("lease"):
                     self.error = None

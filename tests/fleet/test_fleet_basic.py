@@ -87,3 +87,37 @@ def test_fleet_metrics_and_readiness(fleet_factory: Any) -> None:
     count = gauge(a, "agentctl_fleet_lease_renewal_seconds_count")
     assert count is not None and count >= 1
     assert a.http("/readyz")[0] == 200
+
+
+def _token(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+    return int(env[b"AGENTCTL_FENCING_TOKEN"])
+
+
+def test_the_fencing_token_grows_with_every_start_anywhere(fleet_factory: Any) -> None:
+    import os
+    import signal
+
+    fleet = fleet_factory()
+    fleet.host("a")
+    fleet.host("b")
+    fleet.apply("t", command=sleeper(), replicas=1, backoff={"initialSeconds": 0.1, "maxSeconds": 1})
+    first_host = fleet.wait_placed("t-", 1, DEADLINE)["t-0"]
+    (pid,) = fleet.pids("t-")["t-0"]
+    tokens = [_token(pid)]
+    os.kill(pid, signal.SIGKILL)  # a crash: restarted on the same host
+    pid2 = wait_for(lambda: next(iter(fleet.pids("t-").get("t-0", {pid})), pid) != pid and fleet.pids("t-")["t-0"],
+                    DEADLINE, message="t-0 restarted")
+    tokens.append(_token(next(iter(pid2))))
+    done = fleet.hosts["a"].cli("drain", first_host, "--etcd-endpoints", fleet.etcd.endpoints, "--fleet", fleet.name)
+    assert done.returncode == 0, done.stderr
+    other_host = "b" if first_host == "a" else "a"
+    fleet.wait_placed("t-", 1, DEADLINE, where={other_host})
+    (pid3,) = fleet.pids("t-")["t-0"]
+    tokens.append(_token(pid3))
+    assert tokens == sorted(tokens) and len(set(tokens)) == 3, tokens
+    doc = fleet.hosts[other_host].wait_status("t", lambda d: d["instances"][0].get("fencingToken") == tokens[-1],
+                                              DEADLINE)
+    assert doc["instances"][0]["host"] == other_host
+    fleet.assert_never_twice()
