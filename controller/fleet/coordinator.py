@@ -22,6 +22,7 @@ from controller.fleet.assign import Want, assign
 from controller.fleet.kv import KV, Compare, Delete, Entry, KVError, Put
 from controller.fleet.records import HostRecord, Keys, Owner, decode_host, decode_map, decode_owner, encode_map
 from controller.fleet.timing import Timing
+from controller.metrics import FleetStats
 from controller.model import Handle
 from controller.settings import Coordination
 from controller.status import atomic_write
@@ -91,6 +92,7 @@ class Fleet:
         self.is_leader = False
         self._held = False
         self._ready: bool | None = None
+        self._unowned_since: dict[str, float] = {}  # leader: wanted instances that run nowhere, since when
         self._published: bytes | None = None
         self._host_record: bytes | None = None
         self._fence_written: tuple[float, tuple[tuple[int, int, int], ...]] | None = None
@@ -332,7 +334,9 @@ class Fleet:
             return
         hosts = {n: r.info(cordoned=n in self.view.drained) for n, r in self.view.hosts.items()}
         current = self.view.assignments
-        new = assign(self.wants(), hosts, current)
+        wants = self.wants()
+        self._track_unowned({w.instance for w in wants})
+        new = assign(wants, hosts, current)
         if new == current:
             return
         # written only while our leader key is the one we read: a deposed leader's write fails
@@ -343,6 +347,17 @@ class Fleet:
             log.info("fleet %s: assigned %d instances (%d moved%s)", self.cfg.fleet, len(new), len(moved),
                      f": {', '.join(moved[:10])}" if moved else "")
             self.view.assignments = new
+
+    def _track_unowned(self, wanted: set[str]) -> None:
+        now = time.monotonic()
+        unowned = wanted - set(self.view.owners)
+        self._unowned_since = {i: self._unowned_since.get(i, now) for i in unowned}
+
+    def unowned_seconds(self) -> float:
+        """How long the oldest wanted instance has been claimed by no host (leader only, else 0)."""
+        if not self.is_leader or not self._unowned_since:
+            return 0.0
+        return time.monotonic() - min(self._unowned_since.values())
 
     async def _claim_and_release(self) -> None:
         mine = {i for i, h in self.view.assignments.items() if h == self.host}
@@ -451,9 +466,10 @@ class Fleet:
                     out.append({"id": iid, "host": host, **{k: v for k, v in info.items() if k != "agent"}})
         return out
 
-    def stats(self) -> tuple[int, bool, tuple[tuple[float, ...], list[int], float]]:
+    def stats(self) -> FleetStats:
         r = self.renewals
-        return len(self.view.hosts), self.is_leader, (r.bounds, list(r.counts), r.total)
+        return FleetStats(len(self.view.hosts), self.is_leader, (r.bounds, list(r.counts), r.total),
+                          self.cfg.lease_ttl, self.unowned_seconds())
 
 
 def _agent(instance_id: str) -> str:
