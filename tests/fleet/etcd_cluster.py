@@ -46,8 +46,9 @@ class Member:
 
 
 class Cluster:
-    def __init__(self, root: Path, size: int = 3) -> None:
+    def __init__(self, root: Path, size: int = 3, extra_ip: str | None = None) -> None:
         self.root = root
+        self.extra_ip = extra_ip  # clients may also connect on this address (a veth into a netns)
         self.members = [Member(f"m{i}", root) for i in range(size)]
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
 
@@ -55,12 +56,17 @@ class Cluster:
     def endpoints(self) -> str:
         return ",".join(m.client_url for m in self.members)
 
+    def endpoints_on(self, ip: str) -> str:
+        return ",".join(f"http://{ip}:{m.client_port}" for m in self.members)
+
     def start(self, member: Member) -> None:
         assert ETCD is not None
         log = open(member.log, "ab")
         member.proc = subprocess.Popen([
             ETCD, "--name", member.name, "--data-dir", str(member.data),
-            "--listen-client-urls", member.client_url, "--advertise-client-urls", member.client_url,
+            "--listen-client-urls", member.client_url + (
+                f",http://{self.extra_ip}:{member.client_port}" if self.extra_ip else ""),
+            "--advertise-client-urls", member.client_url,
             "--listen-peer-urls", member.peer_url, "--initial-advertise-peer-urls", member.peer_url,
             "--initial-cluster", self.initial, "--initial-cluster-state", "new",
             "--initial-cluster-token", f"agentctl-test-{os.getpid()}",
