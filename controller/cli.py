@@ -58,7 +58,6 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-name")
     p.add_argument("--host-labels", help="k=v,k2=v2")
     p.add_argument("--max-agents", type=int)
-    _fleet_flags(p)
 
 
 def _fleet_flags(p: argparse.ArgumentParser) -> None:
@@ -82,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--once", action="store_true", help="one reconcile pass, then exit")
     run.add_argument("--stop-agents-on-exit", action="store_true", default=None)
     run.add_argument("--allow-insecure-manifests", action="store_true", default=None)
+    _fleet_flags(run)
 
     val = sub.add_parser("validate", help="validate manifests without touching anything")
     val.add_argument("paths", nargs="*")
@@ -205,6 +205,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
         raise UsageError("--resync must be positive")
     if settings.max_agents is not None and settings.max_agents < 0:
         raise UsageError("--max-agents must be >= 0")
+    if settings.once and settings.coordination is not None:
+        # coordinated instances live only under a lease this process renews: it would be fenced at exit
+        raise UsageError("--once cannot run a coordinated fleet (--etcd-endpoints or coordination:)")
     base = settings.base_dir.resolve()
     if not base.is_dir():
         raise UsageError(f"--base-dir {settings.base_dir}: not a directory")

@@ -35,7 +35,8 @@ class ProviderConfig(BaseModel):
 
 class EtcdConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-    endpoints: list[str] = Field(min_length=1)
+    # http(s)://HOST:PORT: a typo must not silently fall back to a default host
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://[^/\s:]+(:\d{1,5})?/?$|^https?://\[[0-9a-fA-F:]+\](:\d{1,5})?/?$")]] = Field(min_length=1)
     ca_file: str | None = Field(None, alias="caFile")
     cert_file: str | None = Field(None, alias="certFile")
     key_file: str | None = Field(None, alias="keyFile")

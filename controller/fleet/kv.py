@@ -107,10 +107,11 @@ class EtcdKV:
             from etcd3gw.client import Etcd3Client  # lazy: only a fleet controller loads the etcd client
 
             url = urlsplit(endpoint)
+            if not url.hostname or url.scheme not in ("http", "https"):
+                raise KVError(f"etcd endpoint {endpoint!r} is not http(s)://HOST[:PORT]")
             ca, cert, key = self._tls
             # the gateway of etcd >= 3.4 is /v3/; fixed here so no /version round trip is needed
-            client = Etcd3Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
-                                 protocol=url.scheme or "http", ca_cert=ca, cert_cert=cert, cert_key=key,
+            client = Etcd3Client(host=url.hostname, port=url.port or 2379, protocol=url.scheme, ca_cert=ca, cert_cert=cert, cert_key=key,
                                  timeout=self.timeout, api_path="/v3/")
             self._clients[endpoint] = client
         return client

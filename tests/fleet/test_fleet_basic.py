@@ -86,7 +86,12 @@ def test_fleet_metrics_and_readiness(fleet_factory: Any) -> None:
     assert (gauge(a, "agentctl_fleet_leader"), gauge(b, "agentctl_fleet_leader")) in ((1.0, 0.0), (0.0, 1.0))
     count = gauge(a, "agentctl_fleet_lease_renewal_seconds_count")
     assert count is not None and count >= 1
+    assert gauge(a, "agentctl_fleet_lease_ttl_seconds") == fleet.ttl
     assert a.http("/readyz")[0] == 200
+    # an instance no host may run: the leader reports how long it has waited (the alert's input)
+    fleet.apply("nowhere", command=sleeper(), placement={"hosts": []})
+    wait_for(lambda: max(gauge(c, "agentctl_fleet_unassigned_oldest_seconds") or 0 for c in (a, b)) > 1.0,
+             DEADLINE, message="the leader reports an instance waiting for a host")
 
 
 def _token(pid: int) -> int:

@@ -46,3 +46,13 @@ def test_the_config_file_coordination_block_is_validated(ctl: Controller, tmp_pa
     cfg.write_text("coordination:\n  etcd: {endpoints: []}\n")
     done = ctl.cli("drain", "somehost", "--config", str(cfg))
     assert done.returncode == 2 and "endpoints" in done.stderr
+
+
+def test_an_endpoint_that_is_not_an_url_is_refused(ctl: Controller) -> None:
+    done = ctl.cli("run", "--manifests", str(ctl.manifests), "--etcd-endpoints", "etcd-1:2379")
+    assert done.returncode == 2 and "endpoints" in done.stderr
+
+
+def test_once_cannot_run_a_coordinated_fleet(ctl: Controller) -> None:
+    done = ctl.cli("run", "--once", "--manifests", str(ctl.manifests), "--etcd-endpoints", "http://127.0.0.1:1")
+    assert done.returncode == 2 and "--once" in done.stderr
