@@ -87,7 +87,9 @@ class Fleet:
         self.acked_at: float | None = None  # monotonic send time of the last acknowledged renewal
         self.view = View()
         self.owned: dict[str, int] = {}  # instance -> mod revision of its owner key (the fencing token)
-        self.error: str | None = "not connected to etcd yet"
+        self.renew_error: str | None = "not connected to etcd yet"  # the last renewal failed: why
+        self.sync_error: str | None = None  # the last read/write of the fleet's keys failed: why
+        self._inherited_deadline = self._previous_deadline()  # a predecessor's fence deadline, never extended
         self.renewals = Histogram()
         self.is_leader = False
         self._held = False
@@ -142,9 +144,13 @@ class Fleet:
         self._wake = asyncio.Event()
         try:
             await self._acquire()
+        except KVError as exc:
+            self._failed("renew", f"cannot get a lease from etcd: {exc}")
+            return
+        try:
             await self.sync()
         except KVError as exc:
-            self._failed(f"etcd: {exc}")
+            self._failed("sync", f"etcd: {exc}")
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(c) for c in (self._renew_loop(stop), self._sync_loop(stop), self._guard_loop(stop))]
@@ -202,6 +208,9 @@ class Fleet:
         if ttl <= 0:
             return False
         self.lease, self.acked_at = lease, sent
+        if self.renew_error is not None:
+            log.info("fleet %s: lease %x renewed again", self.cfg.fleet, lease)
+        self.renew_error = None
         self.write_fence()
         self._check_held()
         return True
@@ -213,13 +222,11 @@ class Fleet:
                     await self._acquire()  # etcd was unreachable when we started
                 elif not await self._renew(self.lease):
                     await self._lost()
-                elif self.error and self.error.startswith("lease"):
-                    self.error = None
             except KVError as exc:
-                self._failed(f"lease renewal failed: {exc}")
+                self._failed("renew", f"lease renewal failed: {exc}")
             except Exception as exc:  # noqa: BLE001 - the renewal must never stop for good
                 log.exception("fleet: renewal loop error")
-                self._failed(f"lease renewal failed: {exc!r}")
+                self._failed("renew", f"lease renewal failed: {exc!r}")
             await _sleep(stop, self.timing.renew_every)
 
     async def _lost(self) -> None:
@@ -243,10 +250,10 @@ class Fleet:
                     self._start_watch()
                 await self.sync()
             except KVError as exc:
-                self._failed(f"etcd: {exc}")
+                self._failed("sync", f"etcd: {exc}")
             except Exception as exc:  # noqa: BLE001 - never gone silently: reported, retried
                 log.exception("fleet: sync error")
-                self._failed(f"fleet sync failed: {exc!r}")
+                self._failed("sync", f"fleet sync failed: {exc!r}")
             await _sleep(stop, self.timing.sync_every, self._wake)
 
     def _start_watch(self) -> None:
@@ -268,7 +275,7 @@ class Fleet:
     async def sync(self) -> None:
         """One full pass: read every key, then host record, leadership, assignments, claims, releases."""
         if not self.lease:
-            await self._acquire()
+            return  # the renewal loop gets one; claims need it
         _, entries = await asyncio.to_thread(self.kv.range, self.keys.root)
         before = self._remote_digest()
         self.view = self._parse(entries)
@@ -277,7 +284,9 @@ class Fleet:
         await self._claim_and_release()
         await self.publish_status()
         changed = before != self._remote_digest()
-        self.error = None if self.held() else self.error
+        if self.sync_error is not None:
+            log.info("fleet %s: etcd answers again", self.cfg.fleet)
+        self.sync_error = None
         if changed:
             self.mark({_agent(i) for i in self._all_instances()})
 
@@ -400,10 +409,14 @@ class Fleet:
         self._published = raw
 
     # -- health ----------------------------------------------------------------------------
-    def _failed(self, message: str) -> None:
-        if self.error != message:
+    def _failed(self, what: str, message: str) -> None:
+        before = self.renew_error if what == "renew" else self.sync_error
+        if before != message:
             log.error("fleet %s: %s", self.cfg.fleet, message)
-        self.error = message
+        if what == "renew":
+            self.renew_error = message
+        else:
+            self.sync_error = message
         self._check_held()
 
     def _check_held(self) -> None:
@@ -427,14 +440,15 @@ class Fleet:
 
     def ready_error(self) -> str | None:
         """Why the fleet is not ready (FleetReady=False, /readyz 503), or None."""
-        if self.error:
-            return self.error
-        return None if self.held() else "lease not renewed in time"
+        if not self.held():
+            return self.renew_error or "lease not renewed in time"
+        return self.renew_error or self.sync_error
 
     # -- the fence file ----------------------------------------------------------------------
     def write_fence(self, *, force: bool = False) -> None:
         """Tell the fence process when to kill and what: rewritten on every renewal and start."""
-        deadline = self.timing.fence_at(self.acked_at) if self.acked_at is not None else 0.0
+        # before our first renewal, keep the deadline a predecessor's renewal earned (never extend it)
+        deadline = self.timing.fence_at(self.acked_at) if self.acked_at is not None else self._inherited_deadline
         targets = tuple(sorted((loc.handle.pid, loc.handle.pgid, loc.handle.start_ticks)
                                for loc in self.local().values() if loc.handle is not None))
         if not force and self._fence_written == (deadline, targets):
@@ -443,6 +457,13 @@ class Fleet:
             "controller": os.getpid(), "controllerId": self.controller_id, "deadline": deadline,
             "targets": [list(t) for t in targets]}) + "\n")
         self._fence_written = (deadline, targets)
+
+    def _previous_deadline(self) -> float:
+        try:
+            data = json.loads((self.state_dir / "fence.json").read_text())
+            return float(data.get("deadline") or 0.0)
+        except (OSError, ValueError, AttributeError):
+            return 0.0
 
     # -- what the rest of the controller shows ----------------------------------------------------
     def _remote_digest(self) -> bytes:

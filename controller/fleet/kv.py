@@ -168,21 +168,37 @@ class EtcdKV:
         return bool(reply.get("succeeded", False)), int(reply["header"]["revision"])
 
     def watch(self, prefix: str, on_event: Callable[[], None], on_closed: Callable[[], None]) -> Callable[[], None]:
-        """Calls on_event (from a thread) for every change under prefix, on_closed when the stream
-        ends; returns cancel. Only a wake-up: the caller re-reads what it needs, so a lost event
-        costs latency, never correctness."""
-        endpoint = self.endpoints[self._current]
+        """Calls on_event (from a thread of its own) for every message of a watch on prefix, and
+        on_closed when the stream ends; returns cancel. Only a wake-up: the caller re-reads what
+        it needs, so a lost event costs latency, never correctness. Nothing here blocks the
+        caller, also when etcd cannot be reached (the connect happens in the thread)."""
+        with self._lock:
+            endpoint = self.endpoints[self._current]
         client = self._client(endpoint)
-        events, cancel = client.watch_prefix(prefix)
+        url = client.get_url("/watch")
+        body = {"create_request": {"key": _b64(prefix), "range_end": prefix_end(prefix)}}
+        state: dict[str, Any] = {"response": None, "cancelled": False}
 
         def pump() -> None:
             try:
-                for _ in events:
-                    on_event()
-            except Exception:  # noqa: BLE001 - a broken stream ends the watch; the caller re-watches
+                # connect within the request timeout; then wait for events as long as the stream lives
+                response = client.session.post(url, json=body, stream=True, timeout=(self.timeout, None))
+                state["response"] = response
+                for line in response.iter_lines():
+                    if state["cancelled"]:
+                        break
+                    if line.strip():
+                        on_event()
+            except Exception:  # noqa: BLE001 - any end of the stream is reported through on_closed
                 pass
-            on_closed()
+            if not state["cancelled"]:
+                on_closed()
+
+        def cancel() -> None:
+            state["cancelled"] = True
+            response = state["response"]
+            if response is not None:
+                response.close()
 
         threading.Thread(target=pump, name="etcd-watch", daemon=True).start()
-        cancel_fn: Callable[[], None] = cancel
-        return cancel_fn
+        return cancel
