@@ -153,3 +153,38 @@ def test_the_etcd_leader_dying_moves_nothing(fleet_factory: Any) -> None:
         fleet.etcd.start(leader)
         fleet.etcd.wait_until(60)
     fleet.assert_never_twice()
+
+
+def test_a_dead_controller_is_fenced_and_its_instances_move(fleet_factory: Any) -> None:
+    fleet = fleet_factory(ttl=3)
+    a = fleet.host("a")
+    fleet.host("b")
+    fleet.apply("k", command=sleeper(), replicas=2, placement={"hosts": ["a"]})
+    fleet.wait_placed("k-", 2, DEADLINE, where={"a"})
+    fleet.apply("k", command=sleeper(), replicas=2)  # may run anywhere now; stays on a (stable)
+    assert a.proc is not None
+    group = a.proc.pid
+    t0 = time.monotonic()
+    a.kill()  # the controller alone: its agents and its fence live on
+    moved = fleet.wait_placed("k-", 2, fleet.ttl + 5 + 10, where={"b"})
+    elapsed = time.monotonic() - t0
+    assert set(moved) == {"k-0", "k-1"}
+    assert "lease deadline passed" in a.log()
+    wait_for(lambda: not _group_alive(group), DEADLINE, message="the fence exits once it has fenced")
+    print(f"\ndead controller (TTL {fleet.ttl}s): instances running elsewhere after {elapsed:.2f}s")
+    fleet.assert_never_twice()
+
+
+def test_stop_agents_on_exit_hands_instances_over_at_once(fleet_factory: Any) -> None:
+    fleet = fleet_factory(ttl=10)
+    a = fleet.host("a", "--stop-agents-on-exit")
+    fleet.host("b")
+    fleet.apply("s", command=sleeper(), replicas=2, placement={"hosts": ["a"]})
+    fleet.wait_placed("s-", 2, DEADLINE, where={"a"})
+    fleet.apply("s", command=sleeper(), replicas=2)
+    t0 = time.monotonic()
+    assert a.stop() == 0
+    fleet.wait_placed("s-", 2, DEADLINE, where={"b"})
+    # the lease was revoked: no waiting for a 10 s TTL to run out
+    assert time.monotonic() - t0 < fleet.ttl
+    fleet.assert_never_twice()
