@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.fleet.assign import Want, assign
-from controller.fleet.kv import KV, Compare, Delete, Entry, KVError, Put
-from controller.fleet.records import HostRecord, Keys, Owner, decode_host, decode_map, decode_owner, encode_map
+from controller.fleet.kv import KV, Compare, Delete, KVError, Put
+from controller.fleet.records import HostRecord, Keys, Owner, View, encode_map, parse_view
 from controller.fleet.timing import Timing
 from controller.metrics import FleetStats
 from controller.model import Handle
@@ -41,18 +41,6 @@ class Local:
     handle: Handle | None
     ready: bool
     started_at: float
-
-
-@dataclass
-class View:
-    """The last read of the fleet's keys."""
-
-    hosts: dict[str, HostRecord] = field(default_factory=dict)
-    drained: set[str] = field(default_factory=set)
-    leader: str | None = None
-    assignments: dict[str, str] = field(default_factory=dict)
-    owners: dict[str, tuple[str, Entry]] = field(default_factory=dict)  # instance -> (host, entry)
-    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> instance -> summary
 
 
 @dataclass
@@ -101,8 +89,6 @@ class Fleet:
         self._wake: asyncio.Event | None = None
         self._watch_cancel: Callable[[], None] | None = None
         self._watching = False
-        self._leader_entry: Entry | None = None
-        self._assign_entry: Entry | None = None
 
     # -- what the reconciler asks -------------------------------------------------
     def held(self, now: float | None = None) -> bool:
@@ -278,9 +264,9 @@ class Fleet:
             return  # the renewal loop gets one; claims need it
         _, entries = await asyncio.to_thread(self.kv.range, self.keys.root)
         before = self._remote_digest()
-        self.view = self._parse(entries)
+        self.view = parse_view(self.keys, entries)
         await self._put_host_record()
-        await self._lead(entries)
+        await self._lead()
         await self._claim_and_release()
         await self.publish_status()
         changed = before != self._remote_digest()
@@ -289,34 +275,6 @@ class Fleet:
         self.sync_error = None
         if changed:
             self.mark({_agent(i) for i in self._all_instances()})
-
-    def _parse(self, entries: list[Entry]) -> View:
-        v = View()
-        k = self.keys
-        for e in entries:
-            if e.key.startswith(k.hosts) and e.lease:
-                rec = decode_host(e.value)
-                if rec is not None:
-                    v.hosts[rec.name] = rec
-            elif e.key.startswith(k.drained):
-                v.drained.add(e.key[len(k.drained):])
-            elif e.key == k.leader:
-                v.leader = e.value.decode(errors="replace")
-                self._leader_entry = e
-            elif e.key == k.assignments:
-                v.assignments = {str(a): str(b) for a, b in decode_map(e.value).items()}
-                self._assign_entry = e
-            elif e.key.startswith(k.owners):
-                owner = decode_owner(e.value)
-                if owner is not None:
-                    v.owners[e.key[len(k.owners):]] = (owner.host, e)
-            elif e.key.startswith(k.status):
-                v.statuses[e.key[len(k.status):]] = decode_map(e.value)
-        if v.leader is None:
-            self._leader_entry = None
-        if k.assignments not in {e.key for e in entries}:
-            self._assign_entry = None
-        return v
 
     async def _put_host_record(self) -> None:
         live = self.local()
@@ -328,16 +286,16 @@ class Fleet:
         self._host_record = raw
         self.view.hosts[self.host] = rec
 
-    async def _lead(self, entries: list[Entry]) -> None:
+    async def _lead(self) -> None:
         if self.view.leader is None and self.can_lead():
             ok, _ = await asyncio.to_thread(self.kv.txn, [Compare(self.keys.leader, "CREATE", 0)],
                                             [Put(self.keys.leader, self.host.encode(), self.lease)])
             if ok:
                 log.info("fleet %s: %s is the leader (assigns instances to hosts)", self.cfg.fleet, self.host)
-                _, entries = await asyncio.to_thread(self.kv.range, self.keys.leader)
-                self._leader_entry = entries[0] if entries else None
-                self.view.leader = self.host if entries else None
-        entry = self._leader_entry
+                _, mine = await asyncio.to_thread(self.kv.range, self.keys.leader)
+                self.view.leader_entry = mine[0] if mine else None
+                self.view.leader = self.host if mine else None
+        entry = self.view.leader_entry
         self.is_leader = entry is not None and self.view.leader == self.host and entry.lease == self.lease
         if not self.is_leader or entry is None:
             return

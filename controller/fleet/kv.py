@@ -14,18 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from controller.fleet.records import Entry
+
 
 class KVError(Exception):
     """etcd could not be reached or answered with an error: the outcome of a write is unknown."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    lease: int
 
 
 @dataclass(frozen=True)

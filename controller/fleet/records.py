@@ -14,6 +14,17 @@ from controller.fleet.assign import UNLIMITED, HostInfo
 
 
 @dataclass(frozen=True)
+class Entry:
+    """One key as etcd returned it."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
 class Keys:
     fleet: str
 
@@ -119,3 +130,38 @@ def encode_map(mapping: dict[str, Any]) -> bytes:
 def decode_map(raw: bytes) -> dict[str, Any]:
     data = _load(raw)
     return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class View:
+    """One read of every key of the fleet."""
+
+    hosts: dict[str, HostRecord] = field(default_factory=dict)  # live hosts only (records on a lease)
+    drained: set[str] = field(default_factory=set)
+    leader: str | None = None
+    leader_entry: Entry | None = None
+    assignments: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, tuple[str, Entry]] = field(default_factory=dict)  # instance -> (host, entry)
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # host -> instance -> summary
+
+
+def parse_view(keys: Keys, entries: list[Entry]) -> View:
+    v = View()
+    for e in entries:
+        if e.key.startswith(keys.hosts) and e.lease:
+            rec = decode_host(e.value)
+            if rec is not None:
+                v.hosts[rec.name] = rec
+        elif e.key.startswith(keys.drained):
+            v.drained.add(e.key[len(keys.drained):])
+        elif e.key == keys.leader:
+            v.leader, v.leader_entry = e.value.decode(errors="replace"), e
+        elif e.key == keys.assignments:
+            v.assignments = {str(a): str(b) for a, b in decode_map(e.value).items()}
+        elif e.key.startswith(keys.owners):
+            owner = decode_owner(e.value)
+            if owner is not None:
+                v.owners[e.key[len(keys.owners):]] = (owner.host, e)
+        elif e.key.startswith(keys.status):
+            v.statuses[e.key[len(keys.status):]] = decode_map(e.value)
+    return v
