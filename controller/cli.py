@@ -25,7 +25,15 @@ from controller import __version__, logfiles, status
 from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
-from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
+from controller.settings import (
+    ConfigFile,
+    Coordination,
+    GitSource,
+    Settings,
+    is_loopback,
+    parse_addr,
+    parse_host_labels,
+)
 from controller.sourcelock import SourceLock, SourceLocked, source_keys
 from controller.sourcelock import acquire as acquire_source
 from controller.settings import parse_allowed_hosts  # http: --http-allowed-hosts
@@ -55,6 +63,13 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-agents", type=int)
 
 
+def _fleet_flags(p: argparse.ArgumentParser) -> None:
+    """CONTRACT §10: a fleet coordinated by etcd."""
+    p.add_argument("--etcd-endpoints", help="URL[,URL...] of etcd: join a coordinated fleet")
+    p.add_argument("--fleet", help="fleet name: keys live under /agentctl/<fleet>/ (default: default)")
+    p.add_argument("--lease-ttl", type=int, help="seconds, 2..60 (default 10)")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="agentctl", description="Declarative controller for long-running agents.")
     top.add_argument("--version", action="version", version=f"agentctl {__version__}")
@@ -72,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     # http: Host names (beyond the listener's own address) the HTTP listener answers
     run.add_argument("--http-allowed-hosts", metavar="NAME[:PORT],...",
                      help="Host header names the HTTP listener also answers (e.g. a reverse proxy's)")
+    _fleet_flags(run)
 
     val = sub.add_parser("validate", help="validate manifests without touching anything")
     val.add_argument("paths", nargs="*")
@@ -85,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
 
     get = sub.add_parser("get", help="list agents")
     get.add_argument("name", nargs="?")
-    get.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
+    get.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
     _common(get)
 
     desc = sub.add_parser("describe", help="show one agent in detail")
@@ -122,6 +138,13 @@ def parser() -> argparse.ArgumentParser:
     dash = sub.add_parser("dashboard", help="print (and on a desktop open) the status page with an access token")
     dash.add_argument("--url", action="store_true", help="only print the address")
     _common(dash)
+    for verb, text in (("drain", "move every instance off HOST and keep new ones off"),
+                       ("uncordon", "let HOST take instances again")):
+        cmd = sub.add_parser(verb, help=text)
+        cmd.add_argument("host")
+        cmd.add_argument("--config", help="controller config file (YAML): its coordination block")
+        _fleet_flags(cmd)
+        _common(cmd)
     return top
 
 
@@ -188,12 +211,15 @@ def build_settings(args: argparse.Namespace) -> Settings:
     }
     settings = Settings(**{k: v for k, v in values.items() if v is not None},
                         http_allowed_hosts=_allowed_hosts(args, cfg),  # http: --http-allowed-hosts
-                        host_labels=labels, git=git, env=cfg.env,
+                        host_labels=labels, git=git, env=cfg.env, coordination=coordination(args, cfg),
                         providers={k: v.model_dump(exclude_none=True) for k, v in cfg.providers.items()})
     if settings.resync <= 0:
         raise UsageError("--resync must be positive")
     if settings.max_agents is not None and settings.max_agents < 0:
         raise UsageError("--max-agents must be >= 0")
+    if settings.once and settings.coordination is not None:
+        # coordinated instances live only under a lease this process renews: it would be fenced at exit
+        raise UsageError("--once cannot run a coordinated fleet (--etcd-endpoints or coordination:)")
     base = settings.base_dir.resolve()
     if not base.is_dir():
         raise UsageError(f"--base-dir {settings.base_dir}: not a directory")
@@ -207,6 +233,36 @@ def _allowed_hosts(args: argparse.Namespace, cfg: ConfigFile) -> tuple[str, ...]
         return parse_allowed_hosts(value) if value is not None else ()
     except ValueError as exc:
         raise UsageError(f"--http-allowed-hosts: {exc}") from exc
+def coordination(args: argparse.Namespace, cfg: ConfigFile) -> Coordination | None:
+    """--etcd-endpoints/--fleet/--lease-ttl over the config's `coordination:` (CONTRACT §10)."""
+    endpoints = getattr(args, "etcd_endpoints", None)
+    base = cfg.coordination
+    if endpoints is None and base is None:
+        if getattr(args, "fleet", None) is not None or getattr(args, "lease_ttl", None) is not None:
+            raise UsageError("--fleet and --lease-ttl need --etcd-endpoints (or coordination: in --config)")
+        return None
+    data: dict[str, Any] = base.model_dump(by_alias=True) if base is not None else {"etcd": {}}
+    if endpoints is not None:
+        data["etcd"]["endpoints"] = [e.strip() for e in endpoints.split(",") if e.strip()]
+    for flag, key in (("fleet", "fleet"), ("lease_ttl", "leaseTTL")):
+        if getattr(args, flag, None) is not None:
+            data[key] = getattr(args, flag)
+    try:
+        return Coordination.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError("; ".join(f"coordination.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                   for e in exc.errors(include_url=False))) from exc
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    cfg = coordination(args, load_config(args.config))
+    if cfg is None:
+        raise UsageError(f"{args.command} needs --etcd-endpoints (or coordination: in --config)")
+    from controller.fleet.admin import drain
+
+    code, message = drain(cfg, args.host, on=args.command == "drain")
+    print(message, file=sys.stderr if code else sys.stdout)
+    return code
 
 
 def state_dir_of(args: argparse.Namespace) -> Path:
@@ -398,11 +454,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.output == "yaml":
         print(yaml.safe_dump(docs[0] if args.name else {"items": docs}, sort_keys=False), end="")
         return 0
-    rows = [("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR")]
+    rows: list[tuple[str, ...]] = [("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR")]
+    wide = args.output == "wide"
+    if wide:
+        rows = [(*rows[0], "HOST")]  # fleet: where the instances run (CONTRACT §10)
     for d in docs:
         rep = d.get("replicas") or {}
-        rows.append((d["name"], d.get("phase", "?"), f"{rep.get('ready', 0)}/{rep.get('desired', 0)}",
-                     str(d.get("restarts", 0)), _age(d.get("createdAt")), d.get("supervisor", "process")))
+        row: tuple[str, ...] = (d["name"], d.get("phase", "?"), f"{rep.get('ready', 0)}/{rep.get('desired', 0)}",
+               str(d.get("restarts", 0)), _age(d.get("createdAt")), d.get("supervisor", "process"))
+        if wide:
+            hosts = sorted({str(i["host"]) for i in d.get("instances") or [] if i.get("host")})
+            row = (*row, ",".join(hosts) or "-")
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -544,6 +607,7 @@ COMMANDS = {
     "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe,
     "logs": cmd_logs, "restart": cmd_restart, "schema": cmd_schema, "attach": cmd_attach, "capture": cmd_capture,
     "dashboard": cmd_dashboard,  # http: the status page's address
+    "drain": cmd_drain, "uncordon": cmd_drain,
 }
 
 

@@ -48,7 +48,8 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
         out += f"  {c['type']:<12} {c['status']:<6} {c.get('reason', '')}{msg}  (since {c.get('lastTransitionTime')})\n"
     out += "Instances:\n"
     for inst in doc.get("instances") or []:
-        out += f"  {inst['id']}: {inst.get('state')} pid {inst.get('pid') or '-'}"
+        where = f" on {inst['host']}" if inst.get("host") else ""  # fleet: the host it runs on (§10)
+        out += f"  {inst['id']}{where}: {inst.get('state')} pid {inst.get('pid') or '-'}"
         out += f" started {inst.get('startedAt') or '-'} restarts {inst.get('restarts', 0)}\n"
         if inst.get("nextAttemptAt"):
             out += f"    Next attempt: {inst['nextAttemptAt']}\n"

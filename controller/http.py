@@ -106,6 +106,9 @@ def route(path: str, snap: SnapshotView, metrics: Metrics, *, logs: bool = False
         return 200, b"ok\n", "text/plain; charset=utf-8"
     if path == "/readyz":
         failing = getattr(snap, "state_error", None)
+        fleet_error = getattr(snap, "fleet_error", None)  # fleet: etcd unreachable or lease in doubt
+        if snap.ready and fleet_error:
+            return 503, f"fleet not ready: {fleet_error}\n".encode(), "text/plain; charset=utf-8"
         if snap.ready and failing:
             # still supervising, but status and state on disk are going stale: say so
             return 503, f"state writes failing: {failing}\n".encode(), "text/plain; charset=utf-8"

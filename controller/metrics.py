@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from dataclasses import dataclass
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -299,3 +300,44 @@ class Metrics:
 
     def observe(self, result: str, seconds: float) -> None:
         self.loop.observe(result, seconds)
+
+    def add_fleet(self, collector: Collector) -> None:
+        """Fleet series, rendered on every scrape (they change without a new snapshot)."""
+        self.registry.register(collector)
+        self._per_scrape.register(collector)
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    hosts: int  # live hosts
+    leader: bool  # this host assigns instances
+    renewals: tuple[tuple[float, ...], list[int], float]  # bucket bounds, counts (+Inf last), sum
+    lease_ttl: float
+    unowned_seconds: float  # leader: age of the oldest wanted instance no host has claimed
+
+
+class FleetCollector(Collector):
+    """CONTRACT §10's fleet metrics, registered only when the controller is coordinated."""
+
+    def __init__(self, stats: Callable[[], FleetStats]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats()
+        yield GaugeMetricFamily("agentctl_fleet_hosts", "Live hosts of the fleet (host records on a live lease).",
+                                value=st.hosts)
+        yield GaugeMetricFamily("agentctl_fleet_leader", "1 on the host that assigns instances to hosts, else 0.",
+                                value=1 if st.leader else 0)
+        bounds, counts, total = st.renewals
+        cumulative, buckets = 0, []
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        yield HistogramMetricFamily("agentctl_fleet_lease_renewal_seconds",
+                                    "Round trip of each lease renewal (keep-alive) to etcd, failed ones included.",
+                                    buckets=buckets, sum_value=total)
+        yield GaugeMetricFamily("agentctl_fleet_lease_ttl_seconds", "The lease TTL of this host (--lease-ttl).",
+                                value=st.lease_ttl)
+        yield GaugeMetricFamily("agentctl_fleet_unassigned_oldest_seconds",
+                                "On the leader: how long the oldest wanted instance has run on no host (0: none).",
+                                value=st.unowned_seconds)

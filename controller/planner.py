@@ -85,6 +85,8 @@ def plan_agent(view: AgentView, now: float, *, capacity: int = 1 << 30) -> Plan:
     for rec in sorted(view.instances.values(), key=lambda r: -r.index):
         if rec.id not in wanted:
             reason = ExitReason.SUSPENDED if spec.suspend else ExitReason.SCALED_DOWN
+            if not spec.suspend and rec.index < spec.replicas:
+                reason = ExitReason.NOT_PLACED  # fleet: still wanted, but assigned to another host
             _retire(b, rec, reason, signal, grace)
     for inst in wanted.values():
         _plan_slot(b, view, desired, inst, view.instances.get(inst.id))

@@ -15,7 +15,7 @@ import os
 import signal as signals
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller import records
 from controller.clock import SystemClock, TimeSource
@@ -37,6 +37,9 @@ from controller.status import StatusWriter, atomic_write
 from controller.store import Store, open_readonly
 from controller.supervisors.base import Context, Supervisor, SupervisorError
 from controller.supervisors.registry import build
+
+if TYPE_CHECKING:
+    from controller.fleet.wiring import FleetHooks  # only the type: etcd is never imported on one host
 
 log = logging.getLogger("agentctl")
 PUBLISH_EVERY = 0.05  # seconds between snapshots for the HTTP thread during a burst
@@ -73,6 +76,7 @@ class Controller:
         self.controller_id = ""
         self._published_at = 0.0
         self._commit_retry: asyncio.TimerHandle | None = None
+        self._fleet: FleetHooks | None = None
         self._stop_event: asyncio.Event | None = None
 
     # -- setup --------------------------------------------------------------
@@ -144,6 +148,24 @@ class Controller:
             if rec.agent not in self.table.agents:
                 self.table.agents[rec.agent] = AgentState(rec.agent, "", self.clock.wall(), present=False)
 
+    # -- a coordinated fleet (CONTRACT §10) -----------------------------------
+    @property
+    def fleet(self) -> FleetHooks | None:
+        return self._fleet
+
+    @fleet.setter
+    def fleet(self, hooks: FleetHooks | None) -> None:
+        """Set by controller.fleet.wiring: placement becomes per instance (the leader's assignment),
+        every start needs this host's claim and carries a fencing token, statuses show the fleet."""
+        self._fleet = hooks
+        self.intake.per_instance_placement = hooks is not None
+        self.executor.start_token = hooks.token if hooks is not None else None
+        self.publisher.decorate = hooks.decorate if hooks is not None else None
+
+    @property
+    def starting(self) -> set[str]:
+        return self.executor.starting
+
     # -- what other parts of the program read --------------------------------
     @property
     def agents(self) -> dict[str, AgentState]:
@@ -214,6 +236,8 @@ class Controller:
     # -- observe + plan -----------------------------------------------------
     def view(self, agent: AgentState) -> AgentView:
         target = agent.target
+        if target is not None and self._fleet is not None:
+            target = self._fleet.filter(target)  # only the instances this host has claimed run here
         unavailable = None
         if target is not None:
             sup = self.supervisors.get(target.spec.supervisor)
@@ -367,7 +391,8 @@ class Controller:
             self._retry_commit_soon()
         git = self.intake.git
         self.publisher.snapshot_now(ready=self.ready, manifest_valid=self.intake.manifest_valid,
-                                    source=(git.url, git.revision, git.last_sync) if git is not None else None)
+                                    source=(git.url, git.revision, git.last_sync) if git is not None else None,
+                                    fleet_error=self._fleet.ready_error() if self._fleet is not None else None)
 
     def _retry_commit_soon(self) -> None:
         """Writes wait in memory while the store refuses them; an idle loop must still try again."""

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from controller import status
 from controller.http import WebOptions, serve
@@ -43,6 +44,14 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
         return 2
     metrics = Metrics(lambda: controller.snapshot, lambda: float(len(controller.dirty) + len(controller.tasks)))
     controller.observe = metrics.observe
+    fleet = None
+    if settings.coordination is not None:  # fleet: coordinated by etcd (CONTRACT §10); never imported otherwise
+        from controller.fleet.wiring import attach, start_fence
+        from controller.metrics import FleetCollector
+
+        fleet = attach(controller, settings)
+        metrics.add_fleet(FleetCollector(fleet.stats))
+        start_fence(settings.state_dir)
     try:
         # http: the status page reads tokens/events/logs under the state dir and tmux screens
         web = WebOptions(settings.state_dir, settings.http_allowed_hosts,
@@ -60,7 +69,7 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     status.atomic_write(settings.state_dir / "controller.json", json.dumps(
         {"pid": os.getpid(), "metricsAddr": f"{bound_host}:{bound_port}", "startedAt": time.time()}) + "\n")
     try:
-        return asyncio.run(_main(controller, settings))
+        return asyncio.run(_main(controller, settings, fleet))
     finally:
         server.shutdown()
         server.server_close()
@@ -86,7 +95,7 @@ def _version() -> str:
     return __version__
 
 
-async def _main(controller: Controller, settings: Settings) -> int:
+async def _main(controller: Controller, settings: Settings, fleet: Any = None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -101,11 +110,16 @@ async def _main(controller: Controller, settings: Settings) -> int:
                                            health_loop(controller, stop)]
     if controller.git is not None and not settings.once:
         background.append(git_poller(controller, stop, settings.git.interval if settings.git else 30.0))
+    if fleet is not None:  # fleet: our lease and claims are known before the first pass plans anything
+        await fleet.start()
+        background.append(fleet.run(stop))
     code = await controller.run(stop, background)
     if stop.is_set():
         log.info("signal received: stopping the controller%s", ", and its agents" if settings.stop_agents_on_exit else
                  " (agents keep running and are adopted on the next start)")
     await controller.shutdown(stop_agents=settings.stop_agents_on_exit)
+    if fleet is not None and settings.stop_agents_on_exit:
+        await fleet.release_all()  # fleet: all stopped here, so other hosts may take them over at once
     return code
 
 

@@ -34,6 +34,24 @@ class ProviderConfig(BaseModel):
     env: dict[EnvKey, NoNulStr] | None = None
 
 
+class EtcdConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    # http(s)://HOST:PORT: a typo must not silently fall back to a default host
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://[^/\s:]+(:\d{1,5})?/?$|^https?://\[[0-9a-fA-F:]+\](:\d{1,5})?/?$")]] = Field(min_length=1)
+    ca_file: str | None = Field(None, alias="caFile")
+    cert_file: str | None = Field(None, alias="certFile")
+    key_file: str | None = Field(None, alias="keyFile")
+
+
+class Coordination(BaseModel):
+    """CONTRACT §10: `coordination:` in the config, or --etcd-endpoints/--fleet/--lease-ttl."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True, frozen=True)
+    etcd: EtcdConfig
+    fleet: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    lease_ttl: int = Field(10, ge=2, le=60, alias="leaseTTL")
+
+
 class GitWrapper(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     git: GitSource
@@ -63,6 +81,7 @@ class ConfigFile(BaseModel):
     http_allowed_hosts: str | list[str] | None = Field(None, alias="httpAllowedHosts")  # comma list, or a YAML list
     env: dict[EnvKey, NoNulStr] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    coordination: Coordination | None = None
 
     def git_source(self) -> GitSource | None:
         if isinstance(self.manifests, GitWrapper):
@@ -92,6 +111,7 @@ class Settings(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     once: bool = False
+    coordination: Coordination | None = None  # a fleet on etcd (CONTRACT §10); None: this host alone
 
     @property
     def log_dir(self) -> Path:

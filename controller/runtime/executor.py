@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal as signals
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from controller import logfiles, records
 from controller.clock import TimeSource
@@ -39,6 +39,8 @@ class Executor:
         self.asked_while_starting: dict[str, tuple[str, str]] = {}  # instance -> (reason, message)
         self.failures = 0
         self.on_start: list[Callable[[AgentState], None]] = []
+        # a fleet: no start without this host's claim; each start gets a larger fencing token
+        self.start_token: Callable[[str], Awaitable[int]] | None = None
 
     async def apply(self, agent: AgentState, action: Action) -> None:
         if isinstance(action, Start):
@@ -68,6 +70,8 @@ class Executor:
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self.check_cwd(spec.cwd)
+            if self.start_token is not None:
+                spec = spec.with_env(("AGENTCTL_FENCING_TOKEN", str(await self.start_token(spec.id))))
             handle = await self.call(sup, sup.start, spec, self.exits.log_path(spec.id))
         except SupervisorError as exc:
             self._start_failed(agent, base, exc)

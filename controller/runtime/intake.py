@@ -39,6 +39,7 @@ class Intake:
             g = settings.git
             self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git")
         self.manifest_valid: dict[str, bool] = {}
+        self.per_instance_placement = False  # a fleet on etcd places instances, not agents (CONTRACT §10)
         self._logged_file_errors: set[str] = set()
 
     # -- restore -------------------------------------------------------------
@@ -57,12 +58,17 @@ class Intake:
             return state
         if loaded is not None:
             state.desired = self.desire(loaded)
-            state.placed = placed_here(manifest, self.settings.host_name, self.settings.host_labels)
+            state.placed = self._placed(manifest)
         return state
 
     def desire(self, loaded: Loaded) -> DesiredAgent:
         return desire(loaded, presets=self.presets, default_env=self.settings.env,
                       log_dir=str(self.settings.log_dir.resolve()))
+
+    def _placed(self, manifest: AgentManifest) -> bool:
+        if self.per_instance_placement:
+            return True  # the fleet's leader assigns each instance a host; the view filters
+        return placed_here(manifest, self.settings.host_name, self.settings.host_labels)
 
     # -- sync ----------------------------------------------------------------
     def load(self) -> LoadResult | None:
@@ -137,7 +143,7 @@ class Intake:
             return  # the loader's cache says nothing this agent reads has changed
         agent.loaded = loaded
         desired = self.desire(loaded)
-        placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
+        placed = self._placed(loaded.manifest)
         before = (agent.desired, agent.valid, agent.present, agent.placed, agent.source, agent.source_revision)
         agent.desired, agent.valid, agent.errors, agent.present = desired, True, [], True
         agent.placed, agent.source, agent.source_revision = placed, loaded.source, revision

@@ -31,6 +31,7 @@ class Snapshot:
     state_error: str | None = None  # store or status writes failing right now
     write_errors: int = 0
     source: tuple[str, str | None, float | None] | None = None  # Git: (url, revision, last sync)
+    fleet_error: str | None = None  # etcd unreachable or the lease in doubt: /readyz 503
 
 
 class Publisher:
@@ -40,6 +41,8 @@ class Publisher:
         self.clock = clock
         self.snapshot = Snapshot()
         self.hooks: list[Callable[[], None]] = []
+        # a fleet: every instance of the fleet with its host, and FleetReady (CONTRACT §10)
+        self.decorate: Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]] | None = None
 
     def agent(self, agent: AgentState, view: AgentView, *, source_ready: tuple[bool, str] | None) -> None:
         """Render and write one agent's status file (only when it changed)."""
@@ -63,13 +66,15 @@ class Publisher:
             reading(self.clock),
             self.status.previous(agent.name),
         )
+        if self.decorate is not None:
+            doc = self.decorate(doc, self.status.previous(agent.name))
         self.status.write(agent.name, doc)
 
     def remove(self, name: str) -> None:
         self.status.remove(name)
 
     def snapshot_now(self, *, ready: bool, manifest_valid: dict[str, bool],
-                     source: tuple[str, str | None, float | None] | None) -> None:
+                     source: tuple[str, str | None, float | None] | None, fleet_error: str | None = None) -> None:
         """Swap in a new immutable snapshot for the HTTP thread (the store was committed before)."""
         table = self.table
         live = [r for r in table.instances.values() if r.handle is not None and r.state != RunState.EXITED]
@@ -86,6 +91,7 @@ class Publisher:
             state_error=table.state_error or self.status.last_error,
             write_errors=table.write_errors + self.status.failures,
             source=source,
+            fleet_error=fleet_error,
         )
         for hook in self.hooks:
             hook()

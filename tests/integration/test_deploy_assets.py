@@ -53,12 +53,18 @@ CONTRACT_METRICS = frozenset(
         "agentctl_build_info",
     }
 )
-HISTOGRAMS = frozenset({"agentctl_reconcile_duration_seconds"})
+HISTOGRAMS = frozenset({"agentctl_reconcile_duration_seconds", "agentctl_fleet_lease_renewal_seconds"})  # fleet: §10
 # Exposed beyond §5, as listed in docs/CONTRACT.md ("Where this implementation adds").
 EXTRA_METRICS = frozenset({
     "agentctl_source_info",
     "agentctl_source_last_sync_timestamp_seconds",
     "agentctl_state_write_errors_total",
+    # fleet: CONTRACT §10, and the two beyond it listed in docs/CONTRACT.md
+    "agentctl_fleet_hosts",
+    "agentctl_fleet_leader",
+    "agentctl_fleet_lease_renewal_seconds",
+    "agentctl_fleet_lease_ttl_seconds",
+    "agentctl_fleet_unassigned_oldest_seconds",
 })
 ALLOWED_NAMES = (
     CONTRACT_METRICS
@@ -598,7 +604,8 @@ def test_real_prometheus_scrapes_evaluates_rules_and_dashboard(
     )
 
     # One host: "more than one host" is legitimately empty; all else has data.
-    may_be_empty = re.compile(r"count by \(agent\) \(agentctl_agent_info\) > 1$")
+    # fleet: an uncoordinated host exports no agentctl_fleet_* series at all (CONTRACT §10)
+    may_be_empty = re.compile(r"count by \(agent\) \(agentctl_agent_info\) > 1$|agentctl_fleet_")
     for where, expr in dashboard_exprs(load_dashboard()):
         query = plain_promql(expr)
         if where.startswith("variable"):
