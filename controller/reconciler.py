@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from controller import logfiles, procfs
+from controller.activity import Observation
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
@@ -118,6 +119,7 @@ class Controller:
         self.counters: dict[tuple[str, str], int] = {}
         self.last_exit_codes: dict[str, int] = {}
         self.manifest_valid: dict[str, bool] = {}
+        self.activity: dict[str, Observation] = {}  # activity: instance -> what its screen shows (activity_sampler)
         self.snapshot = Snapshot()
         self.dirty: set[str] = set()
         self.timers: dict[str, float] = {}
@@ -548,7 +550,9 @@ class Controller:
         self.put(replace(base, handle=handle))
         self.watch(spec.id, handle)
         desired_spec = agent.desired.spec if agent.desired is not None else None
-        if desired_spec is not None and (desired_spec.liveness or desired_spec.resources.memory_limit_mib):
+        # activity: a provider instance is sampled for its activity from its start
+        if desired_spec is not None and (desired_spec.liveness or desired_spec.resources.memory_limit_mib
+                                         or desired_spec.provider):
             for hook in self.on_start:  # only starts that need a probe or memory schedule wake the sampler
                 hook()
         verb = "Restarted" if prev is not None else "Started"
@@ -792,6 +796,7 @@ class Controller:
                 source_revision=agent.source_revision,
                 source_ready=self._source_ready(),
                 created_at=agent.first_seen,
+                activity=self.activity,  # activity: instances[].activity
             ),
             clock(),
             self.status.previous(agent.name),
