@@ -16,6 +16,7 @@ from pyte.screens import Margins
 
 # Private modes that swap in a fresh (alternate) screen: what was on the old one is a frame.
 ALT_SCREEN_MODES = frozenset({47, 1047, 1049})
+SAVE_CURSOR_MODE = 1049
 ERASE_ALL = (2, 3)
 # CSI sequences pyte does not parse and would draw as text (the 'u' of kitty's `CSI < u`, the
 # 'p' of DECRQM `CSI ? 2026 $ p`): private markers < = >, or intermediate bytes. Queries and
@@ -42,8 +43,8 @@ class _Screen(pyte.Screen):
     """A pyte screen that hands every line it loses to `sink`: lines scrolled off the top,
     and the whole screen before it is erased or swapped for the alternate screen."""
 
-    def __init__(self, columns: int, lines: int, sink: Callable[[list[str]], None]) -> None:
-        self.sink: Callable[[list[str]], None] | None = None  # pyte's __init__ resets: nothing to keep yet
+    def __init__(self, columns: int, lines: int, sink: Callable[[list[str], bool], None]) -> None:
+        self.sink: Callable[[list[str], bool], None] | None = None  # pyte's __init__ resets: nothing to keep yet
         super().__init__(columns, lines)
         self.sink = sink
 
@@ -59,13 +60,13 @@ class _Screen(pyte.Screen):
             return
         rows = self.rows()
         if rows:
-            self.sink(rows)
+            self.sink(rows, True)
 
     def index(self) -> None:
         top, bottom = self.margins or Margins(0, self.lines - 1)
         if self.cursor.y == bottom and top == 0 and self.sink is not None:
             # the top line scrolls off into what would be the terminal's scrollback
-            self.sink([_text(self.buffer[0], self.columns)])
+            self.sink([_text(self.buffer[0], self.columns)], False)
         super().index()
 
     def erase_in_display(self, how: int = 0, *args: Any, **kwargs: Any) -> None:
@@ -78,17 +79,22 @@ class _Screen(pyte.Screen):
         super().reset()
 
     def set_mode(self, *modes: int, **kwargs: Any) -> None:
-        self._swap(modes, kwargs)
+        if self._swap(modes, kwargs) and SAVE_CURSOR_MODE in modes:
+            self.save_cursor()  # xterm: 1049 saves the cursor on entering the alternate screen
         super().set_mode(*modes, **kwargs)
 
     def reset_mode(self, *modes: int, **kwargs: Any) -> None:
-        self._swap(modes, kwargs)
+        if self._swap(modes, kwargs) and SAVE_CURSOR_MODE in modes:
+            self.restore_cursor()  # ... and restores it on leaving
         super().reset_mode(*modes, **kwargs)
 
-    def _swap(self, modes: tuple[int, ...], kwargs: dict[str, Any]) -> None:
-        if kwargs.get("private") and ALT_SCREEN_MODES.intersection(modes):
-            self.frame()
-            super().erase_in_display(2)
+    def _swap(self, modes: tuple[int, ...], kwargs: dict[str, Any]) -> bool:
+        """Entering or leaving the alternate screen: the old screen is a frame, the new one blank."""
+        if not (kwargs.get("private") and ALT_SCREEN_MODES.intersection(modes)):
+            return False
+        self.frame()
+        super().erase_in_display(2)
+        return True
 
     def write_process_input(self, data: str) -> None:
         """Answers to terminal queries (device attributes...) go nowhere: this is a replay."""
@@ -108,8 +114,8 @@ class Renderer:
         self.screen = _Screen(columns, lines, self._sink)
         self.stream = pyte.ByteStream(self.screen)
 
-    def _sink(self, rows: list[str]) -> None:
-        if len(rows) > 1:  # a whole screen: once, however often it is redrawn
+    def _sink(self, rows: list[str], frame: bool) -> None:
+        if frame:  # a whole screen: once, however often it is redrawn
             if rows == self._last_frame:
                 return
             self._last_frame = rows
