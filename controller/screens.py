@@ -70,7 +70,7 @@ def rendered_lines(path: Path, tail: int | None) -> tuple[list[str], termrender.
                 start += len(chunk)
     except FileNotFoundError:
         return [], renderer, 0
-    lines = renderer.take() + renderer.screen_rows()
+    lines = renderer.finish()
     if tail is not None:
         lines = lines[-tail:] if tail > 0 else []
     return lines, renderer, start

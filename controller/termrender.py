@@ -22,6 +22,8 @@ ERASE_ALL = (2, 3)
 # 'p' of DECRQM `CSI ? 2026 $ p`): private markers < = >, or intermediate bytes. Queries and
 # keyboard modes, never text, so they are dropped before the emulator sees them.
 UNPARSED_CSI = re.compile(rb"\x1b\[(?:[<=>][0-?]*[ -/]*|[0-?]*[ -/]+)[@-~]")
+# What changes on every tick of a redraw loop: digits, braille and other spinner glyphs.
+NOISE = re.compile(r"[0-9\u2800-\u28ff✻✶✳✢✽·◦•●○◐◑◒◓|/\\-]")
 CARRY_MAX = 64  # an escape sequence split across two reads is held back at most this long
 
 
@@ -103,25 +105,32 @@ class _Screen(pyte.Screen):
 class Renderer:
     """Feed raw pane output in chunks; `take()` returns the lines that are final by now.
 
-    A line is final once it scrolled off the top or its screen was wiped; consecutive
-    identical screens (a full-screen UI redrawn after a clear) are given once.
+    A line is final once it scrolled off the top or its screen was wiped. A screen wiped
+    and redrawn with only counters or spinner glyphs changed (a UI that clears on every
+    tick) is one screen, given in its last state: it is held back until a different one comes.
     """
 
     def __init__(self, columns: int = 200, lines: int = 50) -> None:
         self._out: list[str] = []
-        self._last_frame: list[str] | None = None
+        self._pending: list[str] | None = None  # the last wiped screen, until one unlike it comes
         self._carry = b""
         self.screen = _Screen(columns, lines, self._sink)
         self.stream = pyte.ByteStream(self.screen)
 
     def _sink(self, rows: list[str], frame: bool) -> None:
-        if frame:  # a whole screen: once, however often it is redrawn
-            if rows == self._last_frame:
-                return
-            self._last_frame = rows
+        if frame and self._pending is not None and _gist(self._pending) == _gist(rows):
+            self._pending = rows  # the same screen a tick later
+            return
+        self._emit_pending()
+        if frame:
+            self._pending = rows
         else:
-            self._last_frame = None
-        self._out.extend(rows)
+            self._out.extend(rows)
+
+    def _emit_pending(self) -> None:
+        if self._pending is not None:
+            self._out.extend(self._pending)
+            self._pending = None
 
     def feed(self, data: bytes) -> None:
         data = self._carry + data
@@ -147,6 +156,20 @@ class Renderer:
         """What is on the screen now (not final: it may still change)."""
         return self.screen.rows()
 
+    def finish(self) -> list[str]:
+        """The input so far is all there is: the final lines, then the screen as it was left."""
+        self.flush()
+        rows = self.screen_rows()
+        if self._pending is not None and _gist(self._pending) == _gist(rows):
+            self._pending = None  # the screen left is a later state of the one held back
+        self._emit_pending()
+        return self.take() + rows
+
+
+def _gist(rows: list[str]) -> list[str]:
+    """A screen without what changes on every tick: counters, spinner and progress glyphs."""
+    return [NOISE.sub("", row) for row in rows]
+
 
 def _complete(tail: bytes) -> bool:
     """An escape sequence that has its final byte (a lone ESC or `ESC [ 1 ;` has not)."""
@@ -161,12 +184,7 @@ def render(data: bytes, *, columns: int = 200, lines: int = 50) -> list[str]:
     """All of a raw pane log as lines: what scrolled by, each wiped screen, then the last screen."""
     renderer = Renderer(columns, lines)
     renderer.feed(data)
-    renderer.flush()
-    out = renderer.take()
-    last = renderer.screen_rows()
-    if last != renderer._last_frame:
-        out.extend(last)
-    return out
+    return renderer.finish()
 
 
 def looks_like_terminal_ui(data: bytes) -> bool:

@@ -72,8 +72,7 @@ def test_feeding_in_small_chunks_renders_the_same_as_all_at_once() -> None:
     renderer = termrender.Renderer(200, 50)
     for i in range(0, len(data), 7):  # splits escape sequences and UTF-8 characters
         renderer.feed(data[i:i + 7])
-    renderer.flush()
-    assert renderer.take() + renderer.screen_rows() == termrender.render(data)
+    assert renderer.finish() == termrender.render(data)
 
 
 def test_keyboard_protocol_queries_are_not_drawn_as_text() -> None:
@@ -91,6 +90,13 @@ def test_a_screen_wiped_by_a_clear_or_the_alternate_screen_is_kept_once() -> Non
     data = first + b"\x1b[2J" + first + b"\x1b[2J" + b"\x1b[?1049h\x1b[Hfull screen\x1b[?1049l" + b"after\r\n"
     # the cursor comes back to where it was before the alternate screen (row 2): "after" is drawn there
     assert termrender.render(data, columns=40, lines=5) == ["question one?", "full screen", "", "after"]
+
+
+def test_a_ui_that_clears_on_every_tick_gives_each_distinct_screen_once_in_its_last_state() -> None:
+    ticks = b"".join(b"\x1b[H\x1b[2J> fix it\r\n" + f"{c} Working ({n}s)".encode() for n, c in enumerate("|/-\\" * 5))
+    question = b"\x1b[H\x1b[2JDo you want to proceed?\r\n1. Yes"
+    assert termrender.render(ticks + question + b"\x1b[H\x1b[2Jbye", columns=40, lines=5) == [
+        "> fix it", "\\ Working (19s)", "Do you want to proceed?", "1. Yes", "bye"]
 
 
 def test_wide_characters_are_given_once() -> None:
