@@ -107,3 +107,22 @@ def test_a_log_of_plain_lines_is_not_taken_for_a_terminal_ui() -> None:
     assert not termrender.looks_like_terminal_ui(b"plain\nlines\n\x1b[31mred\x1b[0m\n")
     assert termrender.looks_like_terminal_ui(raw("claude-trust"))
     assert termrender.looks_like_terminal_ui(raw("codex-login"))
+
+
+# -- `logs -f` of a tmux instance ------------------------------------------------------------
+def test_follow_prints_new_lines_once_and_the_screen_only_when_output_pauses() -> None:
+    from controller.screens import Follower
+
+    printed: list[str] = []
+    renderer = termrender.Renderer(40, 4)
+    follower = Follower(renderer, [], printed.append)
+    follower.feed(b"one\r\ntwo\r\n")
+    follower.settle()  # output paused: the screen so far
+    assert "".join(printed) == "one\ntwo\n"
+    for n in range(5):  # a counter redrawn in place, then a pause
+        follower.feed(f"\rworking {n}s".encode())
+    assert "".join(printed) == "one\ntwo\n"  # nothing while it ticks
+    follower.settle()
+    follower.feed(b"\r\nthree\r\nfour\r\nfive\r\n")  # scrolls "one", "two" off: printed already
+    follower.settle()
+    assert "".join(printed) == "one\ntwo\nworking 4s\nthree\nfour\nfive\n"
