@@ -115,6 +115,10 @@ class Renderer:
         self._pending: list[str] | None = None  # the last wiped screen, until one unlike it comes
         self._carry = b""
         self.screen = _Screen(columns, lines, self._sink)
+        # a bare LF starts a new line: a pty turns "\n" into "\r\n" (onlcr) for line-oriented
+        # programs, and a log may hold output written without a terminal (an earlier run under
+        # the process supervisor); the TUIs we replay (claude, codex) never send a bare LF
+        self.screen.set_mode(pyte.modes.LNM)
         self.stream = pyte.ByteStream(self.screen)
 
     def _sink(self, rows: list[str], frame: bool) -> None:

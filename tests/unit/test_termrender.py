@@ -126,3 +126,9 @@ def test_follow_prints_new_lines_once_and_the_screen_only_when_output_pauses() -
     follower.feed(b"\r\nthree\r\nfour\r\nfive\r\n")  # scrolls "one", "two" off: printed already
     follower.settle()
     assert "".join(printed) == "one\ntwo\nworking 4s\nthree\nfour\nfive\n"
+
+
+def test_output_written_without_a_terminal_keeps_its_lines() -> None:
+    # an earlier run under the process supervisor wrote bare "\n"; then a tmux run wrote "\r\n"
+    assert termrender.render(b"hello pid=1\ncolored \x1b[31mtext\x1b[0m\n" + b"hello pid=2\r\n") == [
+        "hello pid=1", "colored text", "hello pid=2"]
