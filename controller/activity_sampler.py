@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from controller.reconciler import Controller
 
 log = logging.getLogger("agentctl.activity")
-SAMPLE_EVERY = 2.0  # a person waiting is seen within this; a capture costs one tmux call
+SAMPLE_EVERY = 2.0  # a person waiting is seen within this; a capture costs one tmux call (~2 ms)
 MAX_IN_FLIGHT = 4  # captures at once: hundreds of sessions never flood tmux or the thread pool
+MAX_CAPTURES_PER_SECOND = 20.0  # beyond 40 sessions each is looked at less often (200: every 10 s)
 MAX_PERIOD = 5.0
 
 
@@ -48,6 +49,7 @@ class ActivitySampler:
         """Start the captures that are due; seconds until the next one is."""
         wait = MAX_PERIOD
         in_flight = sum(1 for t in self.tracks.values() if t.task is not None)
+        period = max(SAMPLE_EVERY, len(self.tracks) / MAX_CAPTURES_PER_SECOND)
         for rec in live:
             provider = self._provider(rec)
             if provider is None:
@@ -56,7 +58,7 @@ class ActivitySampler:
             if rec.supervisor != "tmux" or not has_profile(provider):
                 continue  # no screen to read (headless) or no patterns: Unknown, logIdle reads the log
             if track.task is None and now >= track.next_at and in_flight < MAX_IN_FLIGHT:
-                track.next_at = now + SAMPLE_EVERY
+                track.next_at = now + period
                 track.task = asyncio.get_running_loop().create_task(self._sample(rec, track, provider))
                 in_flight += 1
             wait = min(wait, max(track.next_at - now, 0.05))

@@ -238,3 +238,35 @@ def test_real_codex_at_its_login_screen_waits_for_a_person_and_its_logs_are_scre
     assert max(len(line) for line in logs) <= 200  # ... and reads as screens of the pane's width
     assert any("Sign in with ChatGPT" in line for line in logs)
     assert metric(ctl, "cx")["WaitingForInput"] == 1
+
+
+def test_logs_follow_of_a_tmux_instance_prints_lines_as_the_terminal_shows_them(
+        ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
+    cleanup_supervisors(ctl)
+    # each line is drawn word by word with cursor moves, as claude does
+    ticker = ("import sys, time\n"
+              "for n in range(600):\n"
+              "    sys.stdout.write(f'\\x1b[2Gtick\\x1b[7G{n}\\x1b[12Gdone\\r\\n'); sys.stdout.flush(); time.sleep(0.2)\n")
+    ctl.apply("tick", [sys.executable, "-c", ticker], supervisor="tmux")
+    ctl.start()
+    ctl.wait_phase("tick", "Running", DEADLINE)
+    follow = subprocess.Popen([sys.executable, "-m", "controller", "logs", "tick", "-f", "--state-dir", str(ctl.state)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        seen: list[str] = []
+
+        def later_tick() -> bool:
+            assert follow.stdout is not None
+            seen.append(follow.stdout.readline().rstrip("\n"))
+            return seen[-1].startswith(" tick ") and int(seen[-1].split()[1]) >= 10
+
+        wait_for(later_tick, DEADLINE, interval=0, message="a later tick through logs -f")
+        ticks = [line for line in seen if line.strip()]
+        assert all(re.fullmatch(r" tick \d+ +done", line) for line in ticks), ticks  # words apart, no escapes
+        numbers = [int(line.split()[1]) for line in ticks]
+        assert numbers == sorted(set(numbers)), numbers  # each line once, in order
+    finally:
+        os.killpg(follow.pid, 9)
+        follow.wait(10)
+        assert follow.stdout is not None
+        follow.stdout.close()
