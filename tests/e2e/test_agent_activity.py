@@ -121,16 +121,16 @@ def test_activity_follows_the_screen_and_logidle_spares_idle_and_waiting_session
     control.write_text("working")
     config = write_config(ctl, claude={"executable": str(script)})
     ctl.write("a.yaml", agent_yaml("sess", "claude", cwd=".", env={"STANDIN_CONTROL": str(control)},
-                                   liveness={"logIdleSeconds": 3}))
+                                   liveness={"logIdleSeconds": 5}))
     ctl.start("--config", str(config))
 
     doc = wait_activity(ctl, "sess", "Working")
     pid = inst(doc)["pid"]
     assert metric(ctl, "sess") == {"Working": 1, "Idle": 0, "WaitingForInput": 0, "Unknown": 0}
 
-    control.write_text("idle")  # silent at its prompt: the old rule would restart it after 3 s
+    control.write_text("idle")  # silent at its prompt: the old rule would restart it after 5 s
     since = inst(wait_activity(ctl, "sess", "Idle"))["activitySince"]
-    holds(lambda: ctl.pids("sess") == [pid] and (ctl.status("sess") or {}).get("restarts") == 0, 9,
+    holds(lambda: ctl.pids("sess") == [pid] and (ctl.status("sess") or {}).get("restarts") == 0, 12,
           "an Idle session was restarted by logIdleSeconds")
     assert inst(ctl.status("sess") or {})["activitySince"] == since  # unchanged while it stays Idle
 
@@ -139,7 +139,7 @@ def test_activity_follows_the_screen_and_logidle_spares_idle_and_waiting_session
     wait_for(lambda: metric(ctl, "sess").get("WaitingForInput") == 1, DEADLINE, message="metric WaitingForInput")
     listed = ctl.cli("get", "sess", "-o", "json")
     assert '"activity": "WaitingForInput"' in listed.stdout
-    holds(lambda: ctl.pids("sess") == [pid], 9, "a session waiting for a person was restarted by logIdleSeconds")
+    holds(lambda: ctl.pids("sess") == [pid], 12, "a session waiting for a person was restarted by logIdleSeconds")
 
     # its counter ticks (output every 0.5 s) but nothing else moves: logIdle sees no progress
     control.write_text("stalled")
