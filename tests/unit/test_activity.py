@@ -125,3 +125,29 @@ def test_a_reading_of_an_earlier_run_is_not_used() -> None:
     s._apply(rec, track, classify(screen("claude-idle"), "claude"), 10.0)
     later = InstanceRecord("a-0", "a", 0, "tmux", "h", RunState.RUNNING, started_mono=200.0, started_at=1100.0)
     assert s.last_output(later, 1150.0, 2000.0) == 1150.0
+
+
+# -- status: the fields of CONTRACT §9 ------------------------------------------------------
+def test_status_shows_activity_of_running_instances_for_the_run_it_was_seen_in() -> None:
+    from controller.activity import Observation
+    from controller.model import Phase
+    from controller.planner import PhaseView
+    from controller.status import Clock, StatusInput, render
+    from tests.unit.builders import desired, exited, running
+
+    agent = desired(replicas=3)
+    a, b, c = agent.instances
+    records = [running(a, started_mono=10.0), running(b, started_mono=20.0), exited(c)]
+    seen = {
+        a.id: Observation(10.0, Activity.WAITING_FOR_INPUT, "TrustPrompt", 1_790_000_000.0),
+        b.id: Observation(5.0, Activity.IDLE, "Prompt", 1_790_000_000.0),  # an earlier run of b
+        c.id: Observation(0.0, Activity.WORKING, "Working", 1_790_000_000.0),  # c is not running
+    }
+    doc = render(StatusInput(name=agent.name, source="m.yaml", phase=PhaseView(Phase.RUNNING, 2, 3, "Running"),
+                             spec_hash=agent.spec_hash, instances=records, restarts=0, valid=True, activity=seen),
+                 Clock(1_790_000_100.0, 500.0), None)
+    first, second, third = doc["instances"]
+    assert (first["activity"], first["activityReason"], first["activitySince"]) == (
+        "WaitingForInput", "TrustPrompt", "2026-09-21T14:13:20Z")
+    assert "activity" not in second and "activity" not in third
+    assert waiting_for_input(doc)
