@@ -54,7 +54,7 @@ class ActivitySampler:
             provider = self._provider(rec)
             if provider is None:
                 continue
-            track = self._track(rec, now)
+            track = self._track(rec, provider, now)
             if rec.supervisor != "tmux" or not has_profile(provider):
                 continue  # no screen to read (headless) or no patterns: Unknown, logIdle reads the log
             if track.task is None and now >= track.next_at and in_flight < MAX_IN_FLIGHT:
@@ -86,12 +86,13 @@ class ActivitySampler:
         provider: str | None = agent.desired.spec.provider
         return provider
 
-    def _track(self, rec: InstanceRecord, now: float) -> Track:
+    def _track(self, rec: InstanceRecord, provider: str, now: float) -> Track:
         track = self.tracks.get(rec.id)
         if track is None or track.run != rec.started_mono:
             track = self.tracks[rec.id] = Track(rec.started_mono, now, progress=now)
             # every running provider instance reports an activity: Unknown until a screen says more
-            self._publish(rec, Activity.UNKNOWN, "NoScreen" if rec.supervisor != "tmux" else "NotSampled")
+            why = "NoScreen" if rec.supervisor != "tmux" else "NotSampled" if has_profile(provider) else "NoPatterns"
+            self._publish(rec, Activity.UNKNOWN, why)
         return track
 
     async def _sample(self, rec: InstanceRecord, track: Track, provider: str) -> None:
