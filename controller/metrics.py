@@ -122,7 +122,7 @@ class AgentCollector(Collector):
         names = sorted(snap.statuses)
         if self.part in ("all", "snapshot"):
             yield from self._status_families(snap, names)
-            yield self._activity(snap, names)
+            yield from self._activity(snap, names)
             yield self._restarts(snap, names)
             yield self._last_exit(snap, names)
             yield self._start_times(snap, names)
@@ -155,9 +155,10 @@ class AgentCollector(Collector):
         yield from (info, phase, desired, ready)
 
     @staticmethod
-    def _activity(snap: SnapshotView, names: list[str]) -> Metric:
+    def _activity(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
         """One-hot per agent, like the phase; with several instances the most urgent one's activity
-        (WaitingForInput, then Unknown, Working, Idle). Agents with no running provider instance have none."""
+        (WaitingForInput, then Unknown, Working, Idle). Agents with no running provider instance have
+        none, and with no such agent at all the family is left out (as the Git source's are)."""
         family = GaugeMetricFamily(
             "agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
             "instances), 0 for each other activity.", labels=["agent", "activity"])
@@ -167,7 +168,8 @@ class AgentCollector(Collector):
                 continue
             for a in ACTIVITIES:
                 family.add_metric([name, a], 1 if current == a else 0)
-        return family
+        if family.samples:
+            yield family
 
     @staticmethod
     def _restarts(snap: SnapshotView, names: list[str]) -> Metric:

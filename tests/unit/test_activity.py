@@ -151,3 +151,25 @@ def test_status_shows_activity_of_running_instances_for_the_run_it_was_seen_in()
         "WaitingForInput", "TrustPrompt", "2026-09-21T14:13:20Z")
     assert "activity" not in second and "activity" not in third
     assert waiting_for_input(doc)
+
+
+# -- the metric -----------------------------------------------------------------------------
+def test_the_activity_metric_is_one_hot_per_agent_on_its_most_urgent_instance() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from controller.metrics import Metrics
+    from controller.reconciler import Snapshot
+
+    def doc(name: str, *activities: str) -> dict[str, Any]:
+        return {"name": name, "phase": "Running", "replicas": {"desired": 1, "ready": 1},
+                "instances": [{"id": f"{name}-{i}", "pid": 10 + i, "activity": a} for i, a in enumerate(activities)]}
+
+    snap = Snapshot(statuses={"fleet": doc("fleet", "Idle", "WaitingForInput", "Working"), "solo": doc("solo", "Idle"),
+                              "plain": doc("plain")})
+    text = Metrics(lambda: snap, lambda: 0).render().decode()
+    series = {(s.labels["agent"], s.labels["activity"]): s.value for f in text_string_to_metric_families(text)
+              if f.name == "agentctl_agent_activity" for s in f.samples}
+    assert {k: v for k, v in series.items() if v == 1} == {("fleet", "WaitingForInput"): 1, ("solo", "Idle"): 1}
+    assert len(series) == 2 * len(Activity)  # one-hot over all four; none for an agent with no AI session
+    plain_only = Snapshot(statuses={"plain": doc("plain")})
+    assert "agentctl_agent_activity" not in Metrics(lambda: plain_only, lambda: 0).render().decode()
