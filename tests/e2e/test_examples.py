@@ -49,4 +49,5 @@ def test_an_invalid_example_edit_is_reported_with_file_and_line(tmp_path: Path) 
 def test_runtime_dependencies_are_exactly_the_five() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in project["dependencies"])
-    assert names == ["prometheus-client", "psutil", "pydantic", "pyyaml", "watchfiles"]
+    # contract §1: v1.1 terminal rendering (§9) may add one library: pyte (activity: termrender)
+    assert names == ["prometheus-client", "psutil", "pydantic", "pyte", "pyyaml", "watchfiles"]
