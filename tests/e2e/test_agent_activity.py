@@ -139,6 +139,7 @@ def test_activity_follows_the_screen_and_logidle_spares_idle_and_waiting_session
     wait_for(lambda: metric(ctl, "sess").get("WaitingForInput") == 1, DEADLINE, message="metric WaitingForInput")
     listed = ctl.cli("get", "sess", "-o", "json")
     assert '"activity": "WaitingForInput"' in listed.stdout
+    assert "Activity: WaitingForInput (PermissionPrompt) since " in ctl.cli("describe", "sess").stdout
     holds(lambda: ctl.pids("sess") == [pid], 12, "a session waiting for a person was restarted by logIdleSeconds")
 
     # its counter ticks (output every 0.5 s) but nothing else moves: logIdle sees no progress
