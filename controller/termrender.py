@@ -6,10 +6,9 @@ logs` calls it for tmux instances; it never reads files nor touches a terminal.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
-
-import re
 
 import pyte
 from pyte.screens import Margins
