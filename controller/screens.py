@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from controller import logfiles, termrender
+from controller.supervisors.tmux import WINDOW_SIZE
 
 SUFFIX = ".screen"
-WINDOW = (200, 50)  # the tmux adapter's pane size (tmux.WINDOW_SIZE): the emulator must match it
+WINDOW = (int(WINDOW_SIZE[0]), int(WINDOW_SIZE[1]))  # the emulator must be the pane's size
 TAIL_BYTES_PER_LINE = 2048  # --tail N replays this much output per line asked for (at least 256 KiB)
 FOLLOW_POLL = 0.2
 SETTLE = 0.5  # -f shows the screen once output has paused this long (never each spinner frame)
