@@ -493,6 +493,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     known = status.read_status(state_dir / "status", args.name) is not None
     if not known and not path.exists():
         return _unknown(args.name)
+    if not args.raw and _terminal_log(state_dir, args.name, path):  # activity: tmux logs read as the screen did
+        return _terminal_logs(path, args.tail, args.follow)
     if args.tail is not None:
         lines = logfiles.tail_lines(path, args.tail, raw=args.raw)
         if lines:
@@ -531,6 +533,25 @@ def _follow(path: Path, offset: int, raw: bool) -> NoReturn:
             offset = _copy(path, offset, raw)
             sys.stdout.flush()
         time.sleep(0.2)
+
+
+def _terminal_log(state_dir: Path, name: str, path: Path) -> bool:
+    from controller.screens import is_terminal_log  # activity: CONTRACT §9 logs
+
+    return is_terminal_log(status.read_status(state_dir / "status", name), path)
+
+
+def _terminal_logs(path: Path, tail: int | None, follow: bool) -> int:
+    """A tmux instance's output replayed through a terminal emulator (activity: CONTRACT §9)."""
+    from controller import screens
+
+    lines, renderer, offset = screens.rendered_lines(path, tail)
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+    if follow:
+        follower = screens.Follower(renderer, renderer.screen_rows(), sys.stdout.write)
+        screens.follow(path, offset, follower, sys.stdout.flush)
+    return 0
 
 
 # -- restart / attach / capture -----------------------------------------------
@@ -586,6 +607,14 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
+    from controller.screens import exited_screen  # activity: the last screen of an exited instance
+
+    state_dir = state_dir_of(args)
+    last = exited_screen(state_dir, status.read_status(state_dir / "status", args.name),
+                         f"{args.name}-{args.instance}", args.raw)
+    if last is not None:
+        sys.stdout.write(last)
+        return 0
     found = _tmux_instance(args)
     if found is None:
         return 1

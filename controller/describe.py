@@ -51,6 +51,8 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
         where = f" on {inst['host']}" if inst.get("host") else ""  # fleet: the host it runs on (§10)
         out += f"  {inst['id']}{where}: {inst.get('state')} pid {inst.get('pid') or '-'}"
         out += f" started {inst.get('startedAt') or '-'} restarts {inst.get('restarts', 0)}\n"
+        if inst.get("activity"):  # activity: CONTRACT §9
+            out += f"    Activity: {inst['activity']} ({inst.get('activityReason')}) since {inst.get('activitySince')}\n"
         if inst.get("nextAttemptAt"):
             out += f"    Next attempt: {inst['nextAttemptAt']}\n"
         if inst.get("lastExit"):

@@ -17,6 +17,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from controller import logfiles, procfs
+from controller.activity_sampler import ActivitySampler
 from controller.manifests import AgentSpec, Liveness
 from controller.model import ExitReason, InstanceRecord, InstanceSpec, RunState
 from controller.reconciler import Controller
@@ -52,6 +53,10 @@ class Health:
     next_memory: float = float("-inf")
     # set by a finished probe: its result may call for the next one sooner than any timer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    activity: ActivitySampler = field(init=False)  # activity: screen sampling of provider instances
+
+    def __post_init__(self) -> None:
+        self.activity = ActivitySampler(self.controller)  # activity: one sampler per health loop
 
     def live(self) -> list[InstanceRecord]:
         return [r for r in self.controller.instances.values() if r.state == RunState.RUNNING and r.handle is not None]
@@ -65,6 +70,7 @@ class Health:
         waits = [MAX_PERIOD, self.last_rotate + ROTATE_EVERY - now]
         waits.append(self._memory(live, now))
         waits.append(self._liveness(live, now))
+        waits.append(self.activity.round(live, now))  # activity: captures due, before logIdle looks again
         ids = {r.id for r in live}
         for gone in [k for k in self.probes if k not in ids]:
             self.probes.pop(gone)  # a probe still in flight finds its run over and does nothing
@@ -163,7 +169,10 @@ class Health:
         except OSError:
             mtime = 0.0
         # output written before this run started does not count for it
-        silent = time.time() - max(mtime, rec.started_at)
+        last = self.activity.last_output(rec, max(mtime, rec.started_at), time.time())
+        if last is None:  # activity: Idle or WaitingForInput is never idle-killed; looked at again next sample
+            return MAX_PERIOD
+        silent = time.time() - last
         if silent >= idle:
             self.controller.request_stop(rec.id, ExitReason.LIVENESS_FAILED,
                                          f"logIdle: no output for {silent:.1f}s (logIdleSeconds {idle:g})")
@@ -209,6 +218,7 @@ class Health:
         return await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
 
     async def cancel(self) -> None:
+        await self.activity.cancel()  # activity: captures in flight
         tasks = [s.running for s in self.probes.values() if s.running is not None]
         for task in tasks:
             task.cancel()

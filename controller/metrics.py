@@ -25,9 +25,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from controller import __version__, procfs
+from controller.activity import Activity, agent_activity
 from controller.model import ExitReason, Handle, Phase
 
 PHASES = tuple(p.value for p in Phase)
+ACTIVITIES = tuple(a.value for a in Activity)
 # The exit reasons a restart can be counted under (reconciler._count_restart). Each agent
 # gets a 0-valued restarts_total series for every one of them from its first scrape on, so
 # that increase()/rate() (the crash-loop alert) see the first restart too: a counter series
@@ -121,6 +123,7 @@ class AgentCollector(Collector):
         names = sorted(snap.statuses)
         if self.part in ("all", "snapshot"):
             yield from self._status_families(snap, names)
+            yield from self._activity(snap, names)
             yield self._restarts(snap, names)
             yield self._last_exit(snap, names)
             yield self._start_times(snap, names)
@@ -151,6 +154,23 @@ class AgentCollector(Collector):
             desired.add_metric([name], replicas.get("desired", 0))
             ready.add_metric([name], replicas.get("ready", 0))
         yield from (info, phase, desired, ready)
+
+    @staticmethod
+    def _activity(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
+        """One-hot per agent, like the phase; with several instances the most urgent one's activity
+        (WaitingForInput, then Unknown, Working, Idle). Agents with no running provider instance have
+        none, and with no such agent at all the family is left out (as the Git source's are)."""
+        family = GaugeMetricFamily(
+            "agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
+            "instances), 0 for each other activity.", labels=["agent", "activity"])
+        for name in names:
+            current = agent_activity(snap.statuses[name])
+            if current is None:
+                continue
+            for a in ACTIVITIES:
+                family.add_metric([name, a], 1 if current == a else 0)
+        if family.samples:
+            yield family
 
     @staticmethod
     def _restarts(snap: SnapshotView, names: list[str]) -> Metric:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controller import records
+from controller.activity import Observation
 from controller.clock import SystemClock, TimeSource
 from controller.desired import DesiredAgent
 from controller.gitsource import GitSource
@@ -196,6 +197,11 @@ class Controller:
         return self.publisher.snapshot
 
     @property
+    def activity(self) -> dict[str, Observation]:
+        """instance -> what its screen shows, written by the activity sampler (health loop)."""
+        return self.publisher.activity
+
+    @property
     def dirty(self) -> set[str]:
         return self.queue.dirty
 
@@ -316,7 +322,8 @@ class Controller:
 
     def _started(self, agent: AgentState) -> None:
         spec = agent.desired.spec if agent.desired is not None else None
-        if spec is not None and (spec.liveness or spec.resources.memory_limit_mib):
+        # a provider instance is sampled for its activity (Working, Idle, WaitingForInput) from its start
+        if spec is not None and (spec.liveness or spec.resources.memory_limit_mib or spec.provider):
             for hook in self.on_start:  # only starts that need a probe or memory schedule wake the sampler
                 hook()
 

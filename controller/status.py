@@ -12,6 +12,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from controller.activity import Observation, status_fields
 from controller.manifests import NAME_RE
 from controller.model import InstanceRecord, RunState
 from controller.planner import PhaseView
@@ -69,7 +71,7 @@ def _exit(rec: InstanceRecord) -> dict[str, Any] | None:
     return out
 
 
-def _instance(rec: InstanceRecord, clock: Clock) -> dict[str, Any]:
+def _instance(rec: InstanceRecord, clock: Clock, obs: Observation | None = None) -> dict[str, Any]:
     alive = rec.state != RunState.EXITED and rec.handle is not None
     out: dict[str, Any] = {
         "id": rec.id,
@@ -83,6 +85,8 @@ def _instance(rec: InstanceRecord, clock: Clock) -> dict[str, Any]:
         out["nextAttemptAt"] = iso(clock.to_wall(rec.next_start))
     if rec.state == RunState.STOPPING:
         out["stopReason"] = rec.stop_reason
+    if alive and obs is not None and obs.run == rec.started_mono:  # activity: CONTRACT §9
+        out.update(status_fields(obs, iso))
     return out
 
 
@@ -101,6 +105,7 @@ class StatusInput:
     source_revision: str | None = None
     source_ready: tuple[bool, str] | None = None  # Git sources only: (ok, message)
     created_at: float | None = None
+    activity: Mapping[str, Observation] = field(default_factory=dict)  # activity: instance id -> observation
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, now: str,
@@ -133,7 +138,7 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
         "labels": inp.labels,
         "replicas": {"desired": pv.desired, "ready": pv.ready},
         "restarts": inp.restarts,
-        "instances": [_instance(r, clock) for r in sorted(inp.instances, key=lambda r: r.index)],
+        "instances": [_instance(r, clock, inp.activity.get(r.id)) for r in sorted(inp.instances, key=lambda r: r.index)],
         "conditions": conditions,
         "lastError": "; ".join(inp.errors) if inp.errors else (pv.message or None) if pv.phase in ("Failed", "Pending") else None,
         "createdAt": iso(inp.created_at),

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.activity import Observation
 from controller.clock import TimeSource, reading
 from controller.model import Handle, RunState
 from controller.planner import AgentView, agent_phase
@@ -41,6 +42,7 @@ class Publisher:
         self.clock = clock
         self.snapshot = Snapshot()
         self.hooks: list[Callable[[], None]] = []
+        self.activity: dict[str, Observation] = {}  # instance -> what its screen shows (activity sampler)
         # a fleet: every instance of the fleet with its host, and FleetReady (CONTRACT §10)
         self.decorate: Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]] | None = None
 
@@ -62,6 +64,7 @@ class Publisher:
                 source_revision=agent.source_revision,
                 source_ready=source_ready,
                 created_at=agent.first_seen,
+                activity=self.activity,
             ),
             reading(self.clock),
             self.status.previous(agent.name),

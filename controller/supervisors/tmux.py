@@ -268,6 +268,16 @@ def capture(ctx: Context, handle: Handle, raw: bool) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def keep_last_screen(ctx: Context, handle: Handle) -> None:
+    """The dead pane's last screen (with colours) into logs/<session>.screen, before the session goes."""
+    from controller.screens import last_screen_path, save_last_screen  # activity: last-screen snapshot
+
+    try:
+        save_last_screen(last_screen_path(ctx.state_dir, handle.unit), capture(ctx, handle, True))
+    except (SupervisorError, OSError):
+        pass  # no screen to keep (session already gone, disk full): the log still has the output
+
+
 class TmuxSupervisor:
     kind: ClassVar[str] = "tmux"
     blocking: ClassVar[bool] = True
@@ -330,6 +340,7 @@ class TmuxSupervisor:
     def cleanup(self, handle: Handle) -> None:
         pane = read_pane(self.ctx, handle.unit)
         if pane is not None and pane.pid == handle.pid:  # never a newer instance's session
+            keep_last_screen(self.ctx, handle)  # activity: `capture` of an exited instance shows it
             kill_session(self.ctx, handle.unit)
 
     def _spawn(self, session: str, spec: InstanceSpec, env: dict[str, str], log_path: Path) -> PaneState:

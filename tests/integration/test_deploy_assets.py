@@ -66,9 +66,12 @@ EXTRA_METRICS = frozenset({
     "agentctl_fleet_lease_ttl_seconds",
     "agentctl_fleet_unassigned_oldest_seconds",
 })
+# Contract §9 (v1.1): the activity of AI sessions (activity: one-hot per agent).
+V11_METRICS = frozenset({"agentctl_agent_activity"})
 ALLOWED_NAMES = (
     CONTRACT_METRICS
     | EXTRA_METRICS
+    | V11_METRICS
     | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | {"up"}
 )
@@ -298,6 +301,7 @@ def test_alerts_cover_the_contract_situations() -> None:
         'absent(up{job="agentctl"})',
         "count by (agent) (agentctl_agent_info) > 1",
         "last_over_time(agentctl_agent_info[",
+        'agentctl_agent_activity{activity="WaitingForInput"} == 1',  # activity: §9
     ):
         assert needle in joined, needle
 
@@ -356,6 +360,7 @@ def test_dashboard_has_the_required_panels() -> None:
         "agentctl_manifest_valid",
         "count by (instance) (agentctl_agent_info",
         "count by (agent) (agentctl_agent_info) > 1",
+        "count by (activity) (agentctl_agent_activity",  # activity: §9
     ):
         assert needle in exprs, needle
 
@@ -436,6 +441,7 @@ def fake_agentctl_metrics() -> Iterator[str]:
             ("agentctl_manifest_valid", ["source"]),
             ("agentctl_workqueue_depth", []),
             ("agentctl_build_info", ["version"]),
+            ("agentctl_agent_activity", ["agent", "activity"]),  # activity: §9
         ]
     }
     restarts = prom.Counter(
@@ -482,6 +488,9 @@ def fake_agentctl_metrics() -> Iterator[str]:
         g["agentctl_agent_resident_memory_bytes"].labels(agent).set(200 * 2**20)
         g["agentctl_manifest_valid"].labels(f"manifests/{agent}.yaml").set(1)
     g["agentctl_manifest_valid"].labels("manifests/broken.yaml").set(0)
+    for agent, current in {"reviewer": "Working", "writer": "WaitingForInput"}.items():  # activity: §9
+        for activity in ("Working", "Idle", "WaitingForInput", "Unknown"):
+            g["agentctl_agent_activity"].labels(agent, activity).set(1 if activity == current else 0)
     g["agentctl_workqueue_depth"].set(2)
     g["agentctl_build_info"].labels("0.1.0").set(1)
 
