@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller import specmirror
 from controller.model import ExitInfo, Handle, InstanceRecord, RunState
 from controller.storefaults import Fault, StoreCorrupt, StoreError, classify, describe_holders
 
@@ -90,6 +91,19 @@ class Event:
     message: str
 
 
+def _row_to_dict(row: AgentRow) -> dict[str, Any]:
+    return {"name": row.name, "source": row.source, "manifest": row.manifest, "specHash": row.spec_hash,
+            "firstSeen": row.first_seen, "sourceRevision": row.source_revision}
+
+
+def _row_from_dict(data: dict[str, Any]) -> AgentRow | None:
+    try:
+        return AgentRow(str(data["name"]), str(data["source"]), data.get("manifest"), data.get("specHash"),
+                        float(data["firstSeen"]), data.get("sourceRevision"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class Pending:
     """Writes made in memory and not yet committed; the newest write of a key wins."""
@@ -131,7 +145,10 @@ class Store:
         self._closed = False
         self._retry_at = 0.0
         self._since_prune = 0
+        existed = path.exists()
         self.db = self._open()
+        if not readonly and (self.recovered_from or not existed):
+            self._restore_specs()  # the store was lost: its spare copies of the last valid specs
 
     # -- opening --------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -237,9 +254,24 @@ class Store:
             self._rollback()
             self._retry_at = time.monotonic() + RETRY_AFTER
             raise
+        for name, row in self.pending.agents.items():
+            specmirror.save(self.specs_dir, name, _row_to_dict(row) if row is not None else None)
         self.pending = Pending()
         self._retry_at = 0.0
         return True
+
+    @property
+    def specs_dir(self) -> Path:
+        return self.path.parent / "specs"
+
+    def _restore_specs(self) -> None:
+        rows = [_row_from_dict(d) for d in specmirror.load(self.specs_dir)]
+        for row in rows:
+            if row is not None:
+                self.pending.agents[row.name] = row
+        if self.pending.agents:
+            log.warning("state store %s is new: restored the last valid specs of %d agents from %s",
+                        self.path, len(self.pending.agents), self.specs_dir)
 
     def _rollback(self) -> None:
         if not self.db.in_transaction:

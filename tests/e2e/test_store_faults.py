@@ -270,11 +270,15 @@ def test_corrupt_store_is_set_aside_reported_and_agents_are_recovered_by_marker(
                                                                                how: str) -> None:
     ctl = sctl
     env = {"FAULT_TAG": tag}
-    for name in ("alpha", "beta"):
+    for name in ("alpha", "beta", "keeper"):
         ctl.apply(name, py("import time\nwhile True: time.sleep(1)"), env=env)
     ctl.start()
-    running(ctl, "alpha")
-    running(ctl, "beta")
+    for name in ("alpha", "beta", "keeper"):
+        running(ctl, name)
+    # keeper's manifest is invalid when the store is lost: only its last valid spec says what it runs
+    ctl.write("keeper.yaml", "apiVersion: agentctl/v1\nkind: Agent\nmetadata: {name: keeper}\nspec: {command: 5}\n")
+    ctl.wait_status("keeper", lambda d: any(c.get("type") == "Valid" and c.get("status") == "False"
+                                            for c in d.get("conditions", [])), DEADLINE, "keeper Valid=False")
     before = by_instance(tag)
     assert ctl.stop(signal.SIGTERM) == 0
     damaged = _damage(ctl.state / "state.db", how)
@@ -284,9 +288,11 @@ def test_corrupt_store_is_set_aside_reported_and_agents_are_recovered_by_marker(
     aside = list(ctl.state.glob("state.db.corrupt-*"))
     assert [p.read_bytes() for p in aside if not p.name.endswith(("-wal", "-shm"))] == [damaged]
     assert re.search(r"ERROR state store .* is corrupt .* moved aside to .*state\.db\.corrupt-", log), log[-3000:]
+    assert re.search(r"restored the last valid specs of 3 agents", log), log[-3000:]
     for instance, (pid,) in before.items():
         assert re.search(rf"{instance} recovered unrecorded process pid {pid} by its marker", log), log[-3000:]
     holds(lambda: by_instance(tag) == before, 1.0, "an agent was started again or killed")
+    assert "orphan" not in ctl.log()
     assert stored(ctl, "SELECT value FROM meta WHERE key = 'recovered_from'") == [(str(aside[0]),)]
     # the new store is whole: the next start sets nothing aside
     assert ctl.stop(signal.SIGTERM) == 0

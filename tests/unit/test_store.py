@@ -355,3 +355,30 @@ def test_a_commit_in_the_pause_after_a_failure_is_deferred_without_an_error(
         assert again.counters() == {("a", "Error"): 2}
     finally:
         again.close()
+
+
+def test_a_store_set_aside_as_corrupt_gets_back_the_last_valid_specs_from_their_spare_copies(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    kept = AgentRow("keeper", "manifests/k.yaml", {"spec": {"command": ["sleep", "9"]}}, "sha256:k", 1000.0)
+    store.put_agent(kept)
+    store.put_agent(AgentRow("gone", "manifests/g.yaml", {"spec": {}}, "sha256:g", 1.0))
+    store.commit()
+    store.delete_agent("gone")  # a deleted agent's spare copy goes with it
+    store.close()
+    assert sorted(p.name for p in (tmp_path / "specs").iterdir()) == ["keeper.json"]
+    assert stat.S_IMODE((tmp_path / "specs" / "keeper.json").stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"garbage" * 1000)
+    again = Store(path)
+    try:
+        assert again.recovered_from is not None
+        assert again.agents() == {"keeper": kept}
+    finally:
+        again.close()
+    healthy = Store(path)  # a healthy store is the record: the copies are not read again
+    try:
+        assert healthy.pending.empty() and healthy.agents() == {"keeper": kept}
+    finally:
+        healthy.close()
