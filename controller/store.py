@@ -20,7 +20,7 @@ from typing import Any
 
 from controller import specmirror
 from controller.model import ExitInfo, Handle, InstanceRecord, RunState
-from controller.storefaults import Fault, StoreCorrupt, StoreError, classify, describe_holders
+from controller.storefaults import Fault, StoreCorrupt, StoreError, classify, describe_holders, space_hint
 
 log = logging.getLogger("agentctl.store")
 
@@ -162,7 +162,7 @@ class Store:
             raise StoreError(f"state store {self.path} cannot be opened: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
             if classify(exc) != Fault.CORRUPT:
-                raise StoreError(f"state store {self.path} cannot be opened: {exc}") from exc
+                raise StoreError(f"state store {self.path} cannot be opened: {exc}{space_hint(self.path)}") from exc
             self._set_aside(exc)
         try:
             return self._open_waiting()

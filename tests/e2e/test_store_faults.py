@@ -418,3 +418,25 @@ def test_schema_and_validate_accept_state_dir(sctl: Controller, tmp_path: Path) 
                            capture_output=True, text=True, timeout=60)
     assert valid.returncode == 0, valid.stderr
     assert not unused.exists(), "a command that reads no state created the state dir"
+
+
+def test_a_full_disk_at_startup_is_exit_2_saying_so_and_nothing_is_set_aside(
+        small_disk: Path, tag: str, controller_factory: Callable[..., Controller]) -> None:
+    ctl = controller_factory(state=small_disk / "state")
+    ctl.apply("solo", py("import time\nwhile True: time.sleep(1)"), env={"FAULT_TAG": tag})
+    ctl.start()
+    pid = running(ctl, "solo")["instances"][0]["pid"]
+    assert ctl.stop(signal.SIGTERM) == 0
+    filler = small_disk / "filler"
+    fill(filler)
+    ctl.start(wait_ready=False)
+    assert ctl.proc is not None
+    assert ctl.proc.wait(DEADLINE) == 2, ctl.log()[-3000:]
+    log = ctl.log()
+    assert re.search(r"ERROR state store .* cannot be opened: .*\(its file system has \d+ bytes free\)", log), log[-2000:]
+    assert "Traceback" not in log
+    assert not list(ctl.state.glob("state.db.corrupt-*"))
+    assert by_instance(tag) == {"solo-0": [pid]}
+    filler.unlink()
+    ctl.start()
+    assert ctl.pids("solo") == [pid]
