@@ -374,7 +374,8 @@ def test_restart_counter_never_goes_backwards_across_a_full_disk_and_a_restart(
 # 5. One controller per manifests directory on this host
 # =========================================================================================
 def test_second_controller_on_the_same_manifests_refuses_with_exit_2_naming_the_first(
-        controller_factory: Callable[..., Controller], tag: str, tmp_path: Path) -> None:
+        controller_factory: Callable[..., Controller], tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)  # as started by a unit or cron
     first = controller_factory("first")
     first.apply("solo", py("import time\nwhile True: time.sleep(1)"), env={"FAULT_TAG": tag})
     first.start("--stop-agents-on-exit")
@@ -383,9 +384,15 @@ def test_second_controller_on_the_same_manifests_refuses_with_exit_2_naming_the_
     link = tmp_path / "manifests-link"
     link.symlink_to(first.manifests)
 
-    for name, manifests in (("second", first.manifests), ("third", link)):
+    session = tmp_path / "run-user"
+    session.mkdir(mode=0o700)
+    for name, manifests, runtime in (("second", first.manifests, None), ("third", link, None),
+                                     ("fourth", first.manifests, session)):  # from a login shell
         other = controller_factory(name, manifests=manifests)
+        if runtime is not None:
+            monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
         other.start(wait_ready=False)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
         assert other.proc is not None
         assert other.proc.wait(DEADLINE) == 2, other.log()[-3000:]
         log = other.log()
