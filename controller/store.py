@@ -163,7 +163,10 @@ class Store:
         except sqlite3.Error as exc:
             if classify(exc) != Fault.CORRUPT:
                 raise StoreError(f"state store {self.path} cannot be opened: {exc}{space_hint(self.path)}") from exc
-            self._set_aside(exc)
+            try:
+                self._set_aside(exc)
+            except OSError as move_exc:
+                raise StoreError(f"corrupt state store {self.path} cannot be moved aside: {move_exc}") from exc
         try:
             return self._open_waiting()
         except (OSError, sqlite3.Error) as exc:
