@@ -149,6 +149,8 @@ class Store:
         self.db = self._open()
         if not readonly and (self.recovered_from or not existed):
             self._restore_specs()  # the store was lost: its spare copies of the last valid specs
+        elif not readonly and not self.specs_dir.exists():
+            self._save_all_specs()  # a store from before the spare copies: make them once
 
     # -- opening --------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
@@ -266,6 +268,10 @@ class Store:
     @property
     def specs_dir(self) -> Path:
         return self.path.parent / "specs"
+
+    def _save_all_specs(self) -> None:
+        for name, row in self.agents().items():
+            specmirror.save(self.specs_dir, name, _row_to_dict(row))
 
     def _restore_specs(self) -> None:
         rows = [_row_from_dict(d) for d in specmirror.load(self.specs_dir)]

@@ -382,3 +382,16 @@ def test_a_store_set_aside_as_corrupt_gets_back_the_last_valid_specs_from_their_
         assert healthy.pending.empty() and healthy.agents() == {"keeper": kept}
     finally:
         healthy.close()
+
+
+def test_a_store_from_before_the_spare_copies_gets_them_at_its_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    row = AgentRow("old", "manifests/o.yaml", {"spec": {"command": ["x"]}}, "sha256:o", 5.0)
+    store.put_agent(row)
+    store.close()
+    for spare in (tmp_path / "specs").iterdir():
+        spare.unlink()
+    (tmp_path / "specs").rmdir()  # as an older version left it
+    Store(path).close()
+    assert [p.name for p in (tmp_path / "specs").iterdir()] == ["old.json"]
