@@ -28,10 +28,8 @@ class SourceLock:
     def release(self) -> None:
         """Unlink while still locked, then close: a waiter that opened the old file sees it is gone."""
         for path, fd in self.held:
-            try:
-                path.unlink()
-            except OSError:
-                pass  # already gone: nothing of ours to remove
+            if _same_file(path, fd):
+                path.unlink(missing_ok=True)
             os.close(fd)  # closing drops the flock
 
 
@@ -71,6 +69,7 @@ def acquire(keys: list[SourceKey], *, state_dir: Path, directory: Path | None = 
     try:
         for where in [directory] if directory is not None else lock_dirs():
             _private_dir(where)
+            _sweep_stale(where)
             for key in keys:
                 held.append(_lock_one(where, key, state_dir))
     except BaseException:
@@ -91,6 +90,24 @@ def _private_dir(where: Path) -> None:
     if st.st_mode & 0o077:
         raise SourceLocked(f"lock directory {where} is open to other users (mode {stat.S_IMODE(st.st_mode):o}):"
                            " refusing it")
+
+
+def _sweep_stale(where: Path, limit: int = 200) -> None:
+    """Lock files of controllers that were killed (no release ran): whoever can lock one may
+    remove it, since a file nobody holds locks nothing. Bounded per start."""
+    for path in sorted(where.glob("*.lock"))[:limit]:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone already, or not a regular file of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live controller's lock
+        if _same_file(path, fd):
+            path.unlink(missing_ok=True)  # under the lock: a waiter on this file sees it is gone and retries
+        os.close(fd)
 
 
 def _lock_one(where: Path, key: SourceKey, state_dir: Path) -> tuple[Path, int]:

@@ -120,3 +120,20 @@ def test_controllers_acting_as_different_hosts_of_a_fleet_may_share_a_source(tmp
             acquire(source_keys(None, (url, "agents"), host="gpu-1"), state_dir=tmp_path / "c", directory=locks)
     finally:
         gpu1.release()
+
+
+def test_lock_files_left_by_killed_controllers_are_swept_and_live_ones_kept(tmp_path: Path, locks: Path) -> None:
+    live_dir = tmp_path / "live"
+    live_dir.mkdir()
+    live = acquire(source_keys(live_dir, None), state_dir=tmp_path / "a", directory=locks)
+    try:
+        stale = locks / ("0" * 32 + ".lock")
+        stale.write_text('{"pid": 1, "stateDir": "/nowhere"}\n')  # its controller was SIGKILLed
+        other = acquire(source_keys(tmp_path / "elsewhere", None), state_dir=tmp_path / "b", directory=locks)
+        other.release()
+        assert not stale.exists()
+        assert [p for p in locks.iterdir()] == [live.held[0][0]]
+        with pytest.raises(SourceLocked):
+            acquire(source_keys(live_dir, None), state_dir=tmp_path / "c", directory=locks)
+    finally:
+        live.release()
