@@ -49,6 +49,7 @@ WAIT_LOG_EVERY = 3.0
 OPEN_BUSY_TIMEOUT = 1.0  # one start-up attempt; the loop around it logs progress between attempts
 LOOP_BUSY_TIMEOUT = 0.05  # the loop never blocks longer than this on a lock held by someone else
 RETRY_AFTER = 1.0  # after a failed commit, the next attempt waits this long (writes stay buffered)
+READ_BUSY_TIMEOUT = 5.0  # a CLI command reading the store while another process locks it
 CLOSE_BUSY_TIMEOUT = 10.0  # at exit a lock is waited for longer: what is not written then is lost
 
 
@@ -155,8 +156,13 @@ class Store:
     # -- opening --------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-            db.execute("PRAGMA query_only = ON")
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=READ_BUSY_TIMEOUT)
+            try:
+                db.execute("PRAGMA query_only = ON")
+                db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # readable now, not locked away
+            except sqlite3.Error:
+                db.close()
+                raise
             return db
         try:
             return self._open_waiting()
@@ -427,6 +433,8 @@ class Store:
 
 
 def open_readonly(state_dir: Path) -> Store | None:
+    """For CLI commands: None when there is no store, or it cannot be read now (locked by a
+    process in exclusive locking mode, damaged); they then show what the status files say."""
     path = state_dir / "state.db"
     if not path.exists():
         return None

@@ -395,3 +395,18 @@ def test_a_store_from_before_the_spare_copies_gets_them_at_its_next_open(tmp_pat
     (tmp_path / "specs").rmdir()  # as an older version left it
     Store(path).close()
     assert [p.name for p in (tmp_path / "specs").iterdir()] == ["old.json"]
+
+
+def test_a_reader_of_a_store_locked_away_gets_none_not_an_error(
+        tmp_path: Path, holder_factory: Callable[..., Holder], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "READ_BUSY_TIMEOUT", 0.3)
+    _seeded(tmp_path / "state.db")
+    holder = holder_factory(tmp_path / "state.db", readers_too=True)  # shuts out readers too
+    assert open_readonly(tmp_path) is None  # `agentctl describe` then shows no events instead of a traceback
+    holder.release()
+    ro = open_readonly(tmp_path)
+    assert ro is not None
+    try:
+        assert [e.message for e in ro.events("reviewer")] == ["before the lock"]
+    finally:
+        ro.close()
