@@ -1,7 +1,7 @@
 """One controller per manifests source on this host: an flock'd file named by the source's hash.
 
 Effects layer, called by cli.cmd_run before the controller starts. The lock lives in a private
-runtime dir ($XDG_RUNTIME_DIR/agentctl, /run/agentctl for root, else /tmp/agentctl-<uid>),
+dir (/run/agentctl for root, else /tmp/agentctl-<uid>; also $XDG_RUNTIME_DIR/agentctl if set),
 never in the manifests dir, which nothing ever writes to. It holds the holder's pid and state
 dir so a refused second controller can name it. It must not know anything of reconciling.
 """
@@ -28,20 +28,18 @@ class SourceLock:
     def release(self) -> None:
         """Unlink while still locked, then close: a waiter that opened the old file sees it is gone."""
         for path, fd in self.held:
-            try:
-                path.unlink()
-            except OSError:
-                pass  # already gone: nothing of ours to remove
+            if _same_file(path, fd):
+                path.unlink(missing_ok=True)
             os.close(fd)  # closing drops the flock
 
 
-def lock_dir() -> Path:
+def lock_dirs() -> list[Path]:
+    """The fixed directory of this user, and the session's runtime dir too when one is set: a
+    controller started from a login shell and one started by cron or a unit (no XDG_RUNTIME_DIR)
+    must see each other, so each lock is taken in both."""
+    fixed = Path("/run/agentctl") if os.geteuid() == 0 else Path(f"/tmp/agentctl-{os.geteuid()}")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "agentctl"
-    if os.geteuid() == 0:
-        return Path("/run/agentctl")
-    return Path(f"/tmp/agentctl-{os.geteuid()}")
+    return [fixed] if not runtime or Path(runtime) / "agentctl" == fixed else [Path(runtime) / "agentctl", fixed]
 
 
 @dataclass(frozen=True)
@@ -66,13 +64,14 @@ def source_keys(manifests: Path | None, git: tuple[str, str] | None, *, host: st
 
 
 def acquire(keys: list[SourceKey], *, state_dir: Path, directory: Path | None = None) -> SourceLock:
-    """Lock every key or none; SourceLocked names the controller that holds one."""
-    where = directory or lock_dir()
-    _private_dir(where)
+    """Lock every key in every lock directory, or none; SourceLocked names the controller that holds one."""
     held: list[tuple[Path, int]] = []
     try:
-        for key in keys:
-            held.append(_lock_one(where, key, state_dir))
+        for where in [directory] if directory is not None else lock_dirs():
+            _private_dir(where)
+            _sweep_stale(where)
+            for key in keys:
+                held.append(_lock_one(where, key, state_dir))
     except BaseException:
         SourceLock(tuple(held)).release()
         raise
@@ -91,6 +90,24 @@ def _private_dir(where: Path) -> None:
     if st.st_mode & 0o077:
         raise SourceLocked(f"lock directory {where} is open to other users (mode {stat.S_IMODE(st.st_mode):o}):"
                            " refusing it")
+
+
+def _sweep_stale(where: Path, limit: int = 200) -> None:
+    """Lock files of controllers that were killed (no release ran): whoever can lock one may
+    remove it, since a file nobody holds locks nothing. Bounded per start."""
+    for path in sorted(where.glob("*.lock"))[:limit]:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone already, or not a regular file of ours
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live controller's lock
+        if _same_file(path, fd):
+            path.unlink(missing_ok=True)  # under the lock: a waiter on this file sees it is gone and retries
+        os.close(fd)
 
 
 def _lock_one(where: Path, key: SourceKey, state_dir: Path) -> tuple[Path, int]:

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controller import specmirror
 from controller.model import ExitInfo, Handle, InstanceRecord, RunState
-from controller.storefaults import Fault, StoreCorrupt, StoreError, classify, describe_holders
+from controller.storefaults import Fault, StoreCorrupt, StoreError, classify, describe_holders, space_hint
 
 log = logging.getLogger("agentctl.store")
 
@@ -48,6 +49,7 @@ WAIT_LOG_EVERY = 3.0
 OPEN_BUSY_TIMEOUT = 1.0  # one start-up attempt; the loop around it logs progress between attempts
 LOOP_BUSY_TIMEOUT = 0.05  # the loop never blocks longer than this on a lock held by someone else
 RETRY_AFTER = 1.0  # after a failed commit, the next attempt waits this long (writes stay buffered)
+READ_BUSY_TIMEOUT = 5.0  # a CLI command reading the store while another process locks it
 CLOSE_BUSY_TIMEOUT = 10.0  # at exit a lock is waited for longer: what is not written then is lost
 
 
@@ -88,6 +90,19 @@ class Event:
     type: str
     reason: str
     message: str
+
+
+def _row_to_dict(row: AgentRow) -> dict[str, Any]:
+    return {"name": row.name, "source": row.source, "manifest": row.manifest, "specHash": row.spec_hash,
+            "firstSeen": row.first_seen, "sourceRevision": row.source_revision}
+
+
+def _row_from_dict(data: dict[str, Any]) -> AgentRow | None:
+    try:
+        return AgentRow(str(data["name"]), str(data["source"]), data.get("manifest"), data.get("specHash"),
+                        float(data["firstSeen"]), data.get("sourceRevision"))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -131,7 +146,12 @@ class Store:
         self._closed = False
         self._retry_at = 0.0
         self._since_prune = 0
+        existed = path.exists()
         self.db = self._open()
+        if not readonly and (self.recovered_from or not existed):
+            self._restore_specs()  # the store was lost: its spare copies of the last valid specs
+        elif not readonly and not self.specs_dir.exists():
+            self._save_all_specs()  # a store from before the spare copies: make them once
 
     @classmethod
     def empty(cls) -> Store:
@@ -147,8 +167,13 @@ class Store:
     # -- opening --------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-            db.execute("PRAGMA query_only = ON")
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=READ_BUSY_TIMEOUT)
+            try:
+                db.execute("PRAGMA query_only = ON")
+                db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # readable now, not locked away
+            except sqlite3.Error:
+                db.close()
+                raise
             return db
         try:
             return self._open_waiting()
@@ -156,8 +181,11 @@ class Store:
             raise StoreError(f"state store {self.path} cannot be opened: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
             if classify(exc) != Fault.CORRUPT:
-                raise StoreError(f"state store {self.path} cannot be opened: {exc}") from exc
-            self._set_aside(exc)
+                raise StoreError(f"state store {self.path} cannot be opened: {exc}{space_hint(self.path)}") from exc
+            try:
+                self._set_aside(exc)
+            except OSError as move_exc:
+                raise StoreError(f"corrupt state store {self.path} cannot be moved aside: {move_exc}") from exc
         try:
             return self._open_waiting()
         except (OSError, sqlite3.Error) as exc:
@@ -248,9 +276,28 @@ class Store:
             self._rollback()
             self._retry_at = time.monotonic() + RETRY_AFTER
             raise
+        for name, row in self.pending.agents.items():
+            specmirror.save(self.specs_dir, name, _row_to_dict(row) if row is not None else None)
         self.pending = Pending()
         self._retry_at = 0.0
         return True
+
+    @property
+    def specs_dir(self) -> Path:
+        return self.path.parent / "specs"
+
+    def _save_all_specs(self) -> None:
+        for name, row in self.agents().items():
+            specmirror.save(self.specs_dir, name, _row_to_dict(row))
+
+    def _restore_specs(self) -> None:
+        rows = [_row_from_dict(d) for d in specmirror.load(self.specs_dir)]
+        for row in rows:
+            if row is not None:
+                self.pending.agents[row.name] = row
+        if self.pending.agents:
+            log.warning("state store %s is new: restored the last valid specs of %d agents from %s",
+                        self.path, len(self.pending.agents), self.specs_dir)
 
     def _rollback(self) -> None:
         if not self.db.in_transaction:
@@ -397,6 +444,8 @@ class Store:
 
 
 def open_readonly(state_dir: Path) -> Store | None:
+    """For CLI commands: None when there is no store, or it cannot be read now (locked by a
+    process in exclusive locking mode, damaged); they then show what the status files say."""
     path = state_dir / "state.db"
     if not path.exists():
         return None

@@ -94,3 +94,13 @@ def describe_holders(path: Path) -> str:
     if not found:
         return "held by a process not visible here"
     return "held by " + ", ".join(f"pid {pid} ({comm})" for pid, comm in found)
+
+
+def space_hint(path: Path) -> str:
+    """SQLite reports a full disk at open as a bare "disk I/O error": say what it is."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (its file system has {free} bytes free)" if free < 1 << 20 else ""

@@ -270,11 +270,15 @@ def test_corrupt_store_is_set_aside_reported_and_agents_are_recovered_by_marker(
                                                                                how: str) -> None:
     ctl = sctl
     env = {"FAULT_TAG": tag}
-    for name in ("alpha", "beta"):
+    for name in ("alpha", "beta", "keeper"):
         ctl.apply(name, py("import time\nwhile True: time.sleep(1)"), env=env)
     ctl.start()
-    running(ctl, "alpha")
-    running(ctl, "beta")
+    for name in ("alpha", "beta", "keeper"):
+        running(ctl, name)
+    # keeper's manifest is invalid when the store is lost: only its last valid spec says what it runs
+    ctl.write("keeper.yaml", "apiVersion: agentctl/v1\nkind: Agent\nmetadata: {name: keeper}\nspec: {command: 5}\n")
+    ctl.wait_status("keeper", lambda d: any(c.get("type") == "Valid" and c.get("status") == "False"
+                                            for c in d.get("conditions", [])), DEADLINE, "keeper Valid=False")
     before = by_instance(tag)
     assert ctl.stop(signal.SIGTERM) == 0
     damaged = _damage(ctl.state / "state.db", how)
@@ -284,9 +288,11 @@ def test_corrupt_store_is_set_aside_reported_and_agents_are_recovered_by_marker(
     aside = list(ctl.state.glob("state.db.corrupt-*"))
     assert [p.read_bytes() for p in aside if not p.name.endswith(("-wal", "-shm"))] == [damaged]
     assert re.search(r"ERROR state store .* is corrupt .* moved aside to .*state\.db\.corrupt-", log), log[-3000:]
+    assert re.search(r"restored the last valid specs of 3 agents", log), log[-3000:]
     for instance, (pid,) in before.items():
         assert re.search(rf"{instance} recovered unrecorded process pid {pid} by its marker", log), log[-3000:]
     holds(lambda: by_instance(tag) == before, 1.0, "an agent was started again or killed")
+    assert "orphan" not in ctl.log()
     assert stored(ctl, "SELECT value FROM meta WHERE key = 'recovered_from'") == [(str(aside[0]),)]
     # the new store is whole: the next start sets nothing aside
     assert ctl.stop(signal.SIGTERM) == 0
@@ -368,7 +374,8 @@ def test_restart_counter_never_goes_backwards_across_a_full_disk_and_a_restart(
 # 5. One controller per manifests directory on this host
 # =========================================================================================
 def test_second_controller_on_the_same_manifests_refuses_with_exit_2_naming_the_first(
-        controller_factory: Callable[..., Controller], tag: str, tmp_path: Path) -> None:
+        controller_factory: Callable[..., Controller], tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)  # as started by a unit or cron
     first = controller_factory("first")
     first.apply("solo", py("import time\nwhile True: time.sleep(1)"), env={"FAULT_TAG": tag})
     first.start("--stop-agents-on-exit")
@@ -377,9 +384,15 @@ def test_second_controller_on_the_same_manifests_refuses_with_exit_2_naming_the_
     link = tmp_path / "manifests-link"
     link.symlink_to(first.manifests)
 
-    for name, manifests in (("second", first.manifests), ("third", link)):
+    session = tmp_path / "run-user"
+    session.mkdir(mode=0o700)
+    for name, manifests, runtime in (("second", first.manifests, None), ("third", link, None),
+                                     ("fourth", first.manifests, session)):  # from a login shell
         other = controller_factory(name, manifests=manifests)
+        if runtime is not None:
+            monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
         other.start(wait_ready=False)
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
         assert other.proc is not None
         assert other.proc.wait(DEADLINE) == 2, other.log()[-3000:]
         log = other.log()
@@ -412,3 +425,25 @@ def test_schema_and_validate_accept_state_dir(sctl: Controller, tmp_path: Path) 
                            capture_output=True, text=True, timeout=60)
     assert valid.returncode == 0, valid.stderr
     assert not unused.exists(), "a command that reads no state created the state dir"
+
+
+def test_a_full_disk_at_startup_is_exit_2_saying_so_and_nothing_is_set_aside(
+        small_disk: Path, tag: str, controller_factory: Callable[..., Controller]) -> None:
+    ctl = controller_factory(state=small_disk / "state")
+    ctl.apply("solo", py("import time\nwhile True: time.sleep(1)"), env={"FAULT_TAG": tag})
+    ctl.start()
+    pid = running(ctl, "solo")["instances"][0]["pid"]
+    assert ctl.stop(signal.SIGTERM) == 0
+    filler = small_disk / "filler"
+    fill(filler)
+    ctl.start(wait_ready=False)
+    assert ctl.proc is not None
+    assert ctl.proc.wait(DEADLINE) == 2, ctl.log()[-3000:]
+    log = ctl.log()
+    assert re.search(r"ERROR state store .* cannot be opened: .*\(its file system has \d+ bytes free\)", log), log[-2000:]
+    assert "Traceback" not in log
+    assert not list(ctl.state.glob("state.db.corrupt-*"))
+    assert by_instance(tag) == {"solo-0": [pid]}
+    filler.unlink()
+    ctl.start()
+    assert ctl.pids("solo") == [pid]

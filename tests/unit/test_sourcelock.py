@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.sourcelock import SourceLocked, acquire, lock_dir, source_keys
+from controller.sourcelock import SourceLocked, acquire, lock_dirs, source_keys
 
 
 @pytest.fixture
@@ -102,11 +102,13 @@ def test_a_lock_directory_owned_by_another_user_is_refused(tmp_path: Path, locks
         acquire(source_keys(tmp_path, None), state_dir=tmp_path / "s", directory=locks)
 
 
-def test_the_lock_directory_is_the_users_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_lock_directories_are_the_users_fixed_one_and_the_session_runtime_dir(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fixed = Path("/run/agentctl") if os.geteuid() == 0 else Path(f"/tmp/agentctl-{os.geteuid()}")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    assert lock_dir() == tmp_path / "agentctl"
+    assert lock_dirs() == [tmp_path / "agentctl", fixed]  # a login shell and a unit see each other in `fixed`
     monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert lock_dir() == (Path("/run/agentctl") if os.geteuid() == 0 else Path(f"/tmp/agentctl-{os.geteuid()}"))
+    assert lock_dirs() == [fixed]
 
 
 def test_controllers_acting_as_different_hosts_of_a_fleet_may_share_a_source(tmp_path: Path, locks: Path) -> None:
@@ -118,3 +120,20 @@ def test_controllers_acting_as_different_hosts_of_a_fleet_may_share_a_source(tmp
             acquire(source_keys(None, (url, "agents"), host="gpu-1"), state_dir=tmp_path / "c", directory=locks)
     finally:
         gpu1.release()
+
+
+def test_lock_files_left_by_killed_controllers_are_swept_and_live_ones_kept(tmp_path: Path, locks: Path) -> None:
+    live_dir = tmp_path / "live"
+    live_dir.mkdir()
+    live = acquire(source_keys(live_dir, None), state_dir=tmp_path / "a", directory=locks)
+    try:
+        stale = locks / ("0" * 32 + ".lock")
+        stale.write_text('{"pid": 1, "stateDir": "/nowhere"}\n')  # its controller was SIGKILLed
+        other = acquire(source_keys(tmp_path / "elsewhere", None), state_dir=tmp_path / "b", directory=locks)
+        other.release()
+        assert not stale.exists()
+        assert [p for p in locks.iterdir()] == [live.held[0][0]]
+        with pytest.raises(SourceLocked):
+            acquire(source_keys(live_dir, None), state_dir=tmp_path / "c", directory=locks)
+    finally:
+        live.release()

@@ -355,3 +355,58 @@ def test_a_commit_in_the_pause_after_a_failure_is_deferred_without_an_error(
         assert again.counters() == {("a", "Error"): 2}
     finally:
         again.close()
+
+
+def test_a_store_set_aside_as_corrupt_gets_back_the_last_valid_specs_from_their_spare_copies(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    kept = AgentRow("keeper", "manifests/k.yaml", {"spec": {"command": ["sleep", "9"]}}, "sha256:k", 1000.0)
+    store.put_agent(kept)
+    store.put_agent(AgentRow("gone", "manifests/g.yaml", {"spec": {}}, "sha256:g", 1.0))
+    store.commit()
+    store.delete_agent("gone")  # a deleted agent's spare copy goes with it
+    store.close()
+    assert sorted(p.name for p in (tmp_path / "specs").iterdir()) == ["keeper.json"]
+    assert stat.S_IMODE((tmp_path / "specs" / "keeper.json").stat().st_mode) == 0o600
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(b"garbage" * 1000)
+    again = Store(path)
+    try:
+        assert again.recovered_from is not None
+        assert again.agents() == {"keeper": kept}
+    finally:
+        again.close()
+    healthy = Store(path)  # a healthy store is the record: the copies are not read again
+    try:
+        assert healthy.pending.empty() and healthy.agents() == {"keeper": kept}
+    finally:
+        healthy.close()
+
+
+def test_a_store_from_before_the_spare_copies_gets_them_at_its_next_open(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = Store(path)
+    row = AgentRow("old", "manifests/o.yaml", {"spec": {"command": ["x"]}}, "sha256:o", 5.0)
+    store.put_agent(row)
+    store.close()
+    for spare in (tmp_path / "specs").iterdir():
+        spare.unlink()
+    (tmp_path / "specs").rmdir()  # as an older version left it
+    Store(path).close()
+    assert [p.name for p in (tmp_path / "specs").iterdir()] == ["old.json"]
+
+
+def test_a_reader_of_a_store_locked_away_gets_none_not_an_error(
+        tmp_path: Path, holder_factory: Callable[..., Holder], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "READ_BUSY_TIMEOUT", 0.3)
+    _seeded(tmp_path / "state.db")
+    holder = holder_factory(tmp_path / "state.db", readers_too=True)  # shuts out readers too
+    assert open_readonly(tmp_path) is None  # `agentctl describe` then shows no events instead of a traceback
+    holder.release()
+    ro = open_readonly(tmp_path)
+    assert ro is not None
+    try:
+        assert [e.message for e in ro.events("reviewer")] == ["before the lock"]
+    finally:
+        ro.close()
