@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from controller import logfiles, procfs
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
+from controller.intake import SourceHealth, kept_by_failure, merge_validity
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
 from controller.manifests import AgentManifest, ParsedDocument
 from controller.model import (
@@ -118,6 +119,7 @@ class Controller:
         self.counters: dict[tuple[str, str], int] = {}
         self.last_exit_codes: dict[str, int] = {}
         self.manifest_valid: dict[str, bool] = {}
+        self.source_health = SourceHealth()  # intake: which parts of the manifest source failed to read
         self.snapshot = Snapshot()
         self.dirty: set[str] = set()
         self.timers: dict[str, float] = {}
@@ -240,6 +242,8 @@ class Controller:
                     return  # nothing fetched yet: keep every agent as it is
                 self.source.roots = [(root, self.git.display_root())]
             result = self.source.load({n: a.source for n, a in self.agents.items() if a.desired is not None})
+        if self.source_health.update(result):  # intake: SourceReady changes on every status
+            self.dirty |= set(self.agents)
         declared: set[str] = set()
         for name, loaded in result.manifests.items():
             declared.add(name)
@@ -259,11 +263,13 @@ class Controller:
             self._take_invalid(name, result, messages)
         for name, agent in self.agents.items():
             if name not in declared and agent.present:
+                if kept_by_failure(result, agent.source):  # intake: a read that failed is never a deletion
+                    continue
                 agent.present = False
                 log.info("%s manifest removed -> stopping", name)
                 self.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.mark(name)
-        self.manifest_valid = self._validity(result)
+        self.manifest_valid = merge_validity(self.manifest_valid, self._validity(result), result)  # intake: unread files keep theirs
 
     def _log_file_errors(self, result: LoadResult) -> None:
         """A file whose agent cannot even be named gets a log line (once per distinct error)."""
@@ -791,6 +797,7 @@ class Controller:
                 supervisor=desired.spec.supervisor if desired else "process",
                 source_revision=agent.source_revision,
                 source_ready=self._source_ready(),
+                source_reason=None if self.git is not None and self.git.last_error else "ReadFailed",  # intake
                 created_at=agent.first_seen,
             ),
             clock(),
@@ -799,10 +806,12 @@ class Controller:
         self.status.write(agent.name, doc)
 
     def _source_ready(self) -> tuple[bool, str] | None:
-        if self.git is None:
-            return None
-        if self.git.last_error:
+        if self.git is not None and self.git.last_error:
             return False, self.git.last_error
+        if (problem := self.source_health.problem()) is not None:  # intake: unreadable parts of the source
+            return False, problem
+        if self.git is None:
+            return True, f"{self.settings.manifests} read"  # intake: directory sources report it too
         return True, f"{self.git.url} at {self.git.revision}"
 
     def publish(self) -> None:

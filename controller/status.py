@@ -99,7 +99,8 @@ class StatusInput:
     labels: dict[str, str] = field(default_factory=dict)
     supervisor: str = "process"
     source_revision: str | None = None
-    source_ready: tuple[bool, str] | None = None  # Git sources only: (ok, message)
+    source_ready: tuple[bool, str] | None = None  # (ok, message); None: no SourceReady condition
+    source_reason: str | None = None  # why it is not ready; default: a Git fetch failed
     created_at: float | None = None
 
 
@@ -123,7 +124,8 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     ]
     if inp.source_ready is not None:
         ok, message = inp.source_ready
-        conditions.append(_condition("SourceReady", ok, "Synced" if ok else "FetchFailed", message, now, prev_conditions))
+        reason = "Synced" if ok else inp.source_reason or "FetchFailed"
+        conditions.append(_condition("SourceReady", ok, reason, message, now, prev_conditions))
     doc: dict[str, Any] = {
         "name": inp.name,
         "source": inp.source,
