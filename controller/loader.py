@@ -28,7 +28,11 @@ def is_ignored(rel: Path) -> bool:
 def shown(path: str | os.PathLike[str]) -> str:
     """A file name as text that can be written anywhere (store, YAML, metrics, logs): bytes that
     are not UTF-8 (kept by Python as surrogate escapes) are shown as backslash escapes, `caf\\xe9`."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    text = os.fspath(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _reason(exc: OSError) -> str:

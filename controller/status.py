@@ -155,7 +155,8 @@ def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
 def atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # a name that slipped through unescaped is written escaped rather than failing the write
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -211,7 +212,10 @@ class StatusWriter:
     def _queue(self, name: str, doc: dict[str, Any] | None) -> None:
         with self._cond:
             self._pending[name] = doc
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:  # it cannot die of a write (see _run); say so if it did anyway
+                    log.error("status writer thread was gone: started again")
+                self._busy = False
                 self._thread = threading.Thread(target=self._run, name="agentctl-status", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
@@ -223,21 +227,35 @@ class StatusWriter:
             self._cond.wait_for(lambda: (not self._pending and not self._busy) or self._failed_batches > start, timeout)
 
     def _run(self) -> None:
+        """Never returns: a batch that raises is logged, counted and retried, so status files
+        (and /readyz, which reports last_error) never go stale in silence (CONTRACT §11)."""
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._pending))
-            time.sleep(self.COALESCE_SECONDS)  # let a burst of changes collapse into one write each
-            with self._cond:
-                batch, self._pending, self._busy = self._pending, {}, True
-            failed = [name for name, doc in batch.items() if not self._write_now(name, doc)]
-            with self._cond:
-                for name in failed:
-                    self._pending.setdefault(name, batch[name])  # retried with the next batch
-                self._busy = False
-                self._failed_batches += bool(failed)
-                self._cond.notify_all()
-            if failed:
-                time.sleep(1.0)  # disk full or read-only: retry once a second, not in a spin
+            try:
+                self._one_batch()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+                with self._cond:
+                    self._busy = False
+                    self.failures += 1
+                    self.last_error = f"status writer failed: {exc!r}"
+                    self._cond.notify_all()
+                log.error("%s; retrying in 1s", self.last_error)
+                time.sleep(1.0)
+
+    def _one_batch(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._pending))
+        time.sleep(self.COALESCE_SECONDS)  # let a burst of changes collapse into one write each
+        with self._cond:
+            batch, self._pending, self._busy = self._pending, {}, True
+        failed = [name for name, doc in batch.items() if not self._write_now(name, doc)]
+        with self._cond:
+            for name in failed:
+                self._pending.setdefault(name, batch[name])  # retried with the next batch
+            self._busy = False
+            self._failed_batches += bool(failed)
+            self._cond.notify_all()
+        if failed:
+            time.sleep(1.0)  # disk full or read-only: retry once a second, not in a spin
 
     def _write_now(self, name: str, doc: dict[str, Any] | None) -> bool:
         path = self.dir / f"{name}.yaml"
@@ -246,7 +264,7 @@ class StatusWriter:
                 path.unlink(missing_ok=True)
             else:
                 atomic_write(path, yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-        except OSError as exc:
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: UnicodeEncodeError too
             self.failures += 1
             message = f"cannot write status of {name}: {exc}"
             if message != self.last_error:

@@ -40,6 +40,15 @@ CREATE INDEX IF NOT EXISTS events_agent ON events (agent, seq);
 EVENTS_KEPT = 20_000
 
 
+def safe_text(text: str) -> str:
+    """Text SQLite can store: a file name that is not UTF-8 (surrogate escapes in Python) is
+    kept with backslash escapes (`caf\\xe9.yaml`) rather than failing the write."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside the escape range: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def record_to_json(rec: InstanceRecord) -> str:
     data = dict(rec.__dict__)
     data["handle"] = dict(rec.handle.__dict__) if rec.handle is not None else None
@@ -175,7 +184,7 @@ class Store:
         self.db.execute(
             "INSERT OR REPLACE INTO agents (name, source, manifest, spec_hash, first_seen, source_revision)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (row.name, row.source, json.dumps(row.manifest) if row.manifest is not None else None,
+            (row.name, safe_text(row.source), json.dumps(row.manifest) if row.manifest is not None else None,
              row.spec_hash, row.first_seen, row.source_revision),
         )
 
@@ -204,7 +213,7 @@ class Store:
         self._begin()
         self.db.execute(
             "INSERT INTO events (at, agent, instance, type, reason, message) VALUES (?, ?, ?, ?, ?, ?)",
-            (ev.at, ev.agent, ev.instance, ev.type, ev.reason, ev.message),
+            (ev.at, ev.agent, ev.instance, ev.type, safe_text(ev.reason), safe_text(ev.message)),
         )
         self._since_prune += 1
         if self._since_prune >= 1000:

@@ -18,6 +18,7 @@ from controller.reconciler import Controller
 
 log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
+RETRY_MIN, RETRY_MAX = 0.02, 1.0  # seconds before watching again after a watch broke (doubling)
 STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread wakes (idle CPU)
 
 
@@ -90,7 +91,8 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
         try:
             async for changes in watchfiles.awatch(
                 *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS, step=STEP_MS,
-                stop_event=stop, recursive=False, ignore_permission_denied=True,
+                stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
+                recursive=False, ignore_permission_denied=True,
             ):
                 if any(Path(p) == given for _, p in changes):
                     log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
@@ -98,14 +100,15 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
                     _manifests_changed(controller)
                 if any(Path(p).parent == requests for _, p in changes):
                     consume_requests(controller, requests)
-        except (OSError, RuntimeError) as exc:
-            log.error("watch of %s failed (%s); retrying in 1s", ", ".join(map(str, paths)), exc)
+        except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+            log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
             await _pause(stop)
 
 
 async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Event, stop: asyncio.Event) -> None:
     """Recursive watch of the directory the manifests path resolves to now; started again on the
     directory that path names after a swap (the old watch would follow the old inode)."""
+    pause = RETRY_MIN
     while not stop.is_set():
         replaced.clear()
         target = given.resolve()
@@ -113,6 +116,7 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             await _pause(stop, replaced)  # absent for now: the parent watch says when it is back
             _manifests_changed(controller)
             continue
+        began = time.monotonic()
         try:
             async for _ in watchfiles.awatch(
                 target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
@@ -122,9 +126,13 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
                 _manifests_changed(controller)
                 if given.resolve() != target or not target.is_dir():
                     replaced.set()  # the swap itself was seen from inside: re-aim now
-        except (OSError, RuntimeError) as exc:
-            log.error("file watch of %s failed (%s); retrying in 1s", target, exc)
-            await _pause(stop, replaced)
+        except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+            # e.g. an event on a file name that is not UTF-8 (watchfiles cannot decode it): something
+            # changed, so read now, and watch again at once unless it keeps failing
+            _manifests_changed(controller)
+            pause = RETRY_MIN if time.monotonic() - began > RETRY_MAX else min(pause * 2, RETRY_MAX)
+            log.warning("file watch of %s interrupted (%r); watching again in %.2fs", target, exc, pause)
+            await _pause(stop, replaced, seconds=pause)
         _manifests_changed(controller)  # whatever happened while re-aiming is read once more
 
 
@@ -172,8 +180,8 @@ async def resync_ticker(controller: Controller, stop: asyncio.Event, period: flo
     seconds, so the problem clears (and a vanished file is deleted) without waiting a period."""
     next_resync = time.monotonic() + period
     while not stop.is_set():
-        failing = bool(controller.source_health.failures)
-        wait = min(SOURCE_RETRY, next_resync - time.monotonic()) if failing else next_resync - time.monotonic()
+        # a failure may begin at any time: look every SOURCE_RETRY seconds (one cheap wake-up)
+        wait = min(SOURCE_RETRY, next_resync - time.monotonic())
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, wait))
         except TimeoutError:

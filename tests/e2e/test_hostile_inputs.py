@@ -1,0 +1,313 @@
+"""Hostile environments for everything that reads input (CONTRACT §11): reads that fail, files
+that are not files, names that are not UTF-8, a manifests dir swapped under the watch, Git
+revisions too big to export, and logs written faster than rotation used to look at them.
+
+Every failure here is real: a full descriptor table (prlimit on the controller), a directory
+the controller may not read (run without CAP_DAC_OVERRIDE), a FIFO, a dangling symlink, a real
+repository. Agents carry FAULT_TAG so they are found and killed by pid; nothing is killed by name.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_faults import DEADLINE, kill_tagged, metric_values, running
+from tests.helpers import PY, Controller, manifest, pid_alive, wait_for
+
+SETPRIV = shutil.which("setpriv")
+GIT = shutil.which("git")
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    value = f"inputs-{uuid.uuid4().hex[:12]}"
+    yield value
+    kill_tagged(value)
+
+
+@pytest.fixture
+def hctl(tag: str, controller_factory: Callable[..., Controller]) -> Controller:
+    return controller_factory()
+
+
+def agent(ctl: Controller, tag: str, name: str, rel: str | None = None, **spec: Any) -> Path:
+    spec.setdefault("env", {})["FAULT_TAG"] = tag
+    return ctl.write(rel or f"{name}.yaml", manifest(name, ["sleep", f"{900000 + len(name)}"], **spec))
+
+
+def cond(doc: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in doc.get("conditions", []) if c["type"] == kind), {})
+
+
+def source_ready(ctl: Controller, name: str, status: str, timeout: float = DEADLINE) -> dict[str, Any]:
+    return ctl.wait_status(name, lambda d: cond(d, "SourceReady").get("status") == status, timeout,
+                           f"{name} SourceReady={status}")
+
+
+def pids_of(ctl: Controller, *names: str) -> dict[str, list[int]]:
+    return {n: ctl.pids(n) for n in names}
+
+
+def assert_undisturbed(ctl: Controller, before: dict[str, list[int]]) -> None:
+    """Same processes, alive, no restart, no deletion: nothing was taken as removed."""
+    for name, pids in before.items():
+        doc = running(ctl, name)
+        assert ctl.pids(name) == pids, (name, doc)
+        assert all(pid_alive(p) for p in pids), name
+        assert doc["restarts"] == 0, doc
+    assert "manifest removed" not in ctl.log(), ctl.log()[-3000:]
+
+
+# -- 1. a read that fails is never a deletion ---------------------------------------------------------
+
+def lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(i for i in range(len(used) + 1) if i not in used)
+
+
+def test_a_full_descriptor_table_stops_nothing_and_is_reported(hctl: Controller, tag: str) -> None:
+    for name in ("a", "b"):
+        agent(hctl, tag, name)
+    hctl.start()
+    before = pids_of(hctl, *(running(hctl, n)["name"] for n in ("a", "b")))
+    assert hctl.proc is not None
+    pid = hctl.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    # every descriptor number below the limit is taken: the next open (the walk's) fails with EMFILE
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+    try:
+        agent(hctl, tag, "c")  # a file event: the controller walks the manifests dir and cannot
+        wait_for(lambda: "cannot read the manifest source" in hctl.log(), DEADLINE, message="the read failure logged")
+        assert "Too many open files" in hctl.log()
+        assert all(pid_alive(p) for ps in before.values() for p in ps)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    for name in ("a", "b"):
+        source_ready(hctl, name, "True")
+    running(hctl, "c")
+    assert_undisturbed(hctl, before)
+    assert "Deleted" not in hctl.cli("describe", "a").stdout
+
+
+def test_a_renamed_away_manifests_dir_is_a_read_failure_not_a_deletion(hctl: Controller, tag: str) -> None:
+    agent(hctl, tag, "a")
+    agent(hctl, tag, "b", "team/b.yaml")
+    hctl.start()
+    before = pids_of(hctl, *(running(hctl, n)["name"] for n in ("a", "b")))
+    new = hctl.root / "manifests.new"
+    shutil.copytree(hctl.manifests, new)
+    hctl.manifests.rename(hctl.root / "manifests.old")
+    doc = source_ready(hctl, "a", "False")
+    assert cond(doc, "SourceReady")["reason"] == "ReadFailed" and "manifests" in cond(doc, "SourceReady")["message"]
+    assert running(hctl, "b")["phase"] == "Running"
+    new.rename(hctl.manifests)
+    source_ready(hctl, "a", "True")
+    assert_undisturbed(hctl, before)
+
+
+def test_rename_based_redeploys_in_a_row_restart_nothing(hctl: Controller, tag: str) -> None:
+    """`mv manifests manifests.old && mv manifests.new manifests`: absent for a moment, ten times."""
+    agent(hctl, tag, "a")
+    hctl.start()
+    before = pids_of(hctl, running(hctl, "a")["name"])
+    for i in range(10):
+        staged = hctl.root / "manifests.new"
+        shutil.copytree(hctl.manifests, staged)
+        old = hctl.root / f"manifests.old{i}"
+        hctl.manifests.rename(old)
+        time.sleep(0.05)  # the window a rename-based redeploy leaves, on purpose (not a wait for a condition)
+        staged.rename(hctl.manifests)
+        shutil.rmtree(old)
+    agent(hctl, tag, "z")  # and the watch still follows the directory now under that name
+    running(hctl, "z")
+    source_ready(hctl, "a", "True")
+    assert_undisturbed(hctl, before)
+
+
+class UnprivilegedController(Controller):
+    """The controller as root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH: mode 000 really denies it."""
+
+    def args(self, *extra: str) -> list[str]:
+        assert SETPRIV is not None
+        return [SETPRIV, "--bounding-set=-dac_override,-dac_read_search", *super().args(*extra)]
+
+
+@pytest.mark.skipif(SETPRIV is None, reason="setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+def test_an_unreadable_subdirectory_keeps_its_agents_and_the_rest_applies(tmp_path: Path, tag: str) -> None:
+    ctl = UnprivilegedController(tmp_path / "c")
+    sub = ctl.manifests / "team"
+    try:
+        agent(ctl, tag, "a", "team/a.yaml")
+        agent(ctl, tag, "b")
+        ctl.start()
+        before = pids_of(ctl, *(running(ctl, n)["name"] for n in ("a", "b")))
+        sub.chmod(0)
+        agent(ctl, tag, "c")  # a successful part of the read still applies
+        doc = source_ready(ctl, "a", "False")
+        assert "team" in cond(doc, "SourceReady")["message"] and "Permission denied" in cond(doc, "SourceReady")["message"]
+        running(ctl, "c")
+        time.sleep(3.0)  # the directory stays unreadable for 3 s, as in the review: a duration, not a wait
+        assert ctl.pids("a") == before["a"] and all(pid_alive(p) for p in before["a"])
+        sub.chmod(0o755)
+        source_ready(ctl, "a", "True")
+        assert_undisturbed(ctl, before)
+    finally:
+        if sub.exists():
+            sub.chmod(0o755)
+        ctl.cleanup()
+
+
+def test_a_dangling_manifest_symlink_keeps_its_agent(hctl: Controller, tag: str) -> None:
+    outside = hctl.root / "checkout"
+    outside.mkdir()
+    target = outside / "a.yaml"
+    target.write_text(manifest("a", ["sleep", "900001"], env={"FAULT_TAG": tag}))
+    (hctl.manifests / "a.yaml").symlink_to(target)
+    agent(hctl, tag, "b")
+    hctl.start()
+    before = pids_of(hctl, *(running(hctl, n)["name"] for n in ("a", "b")))
+    target.rename(outside / "a.yaml.moving")  # the link now points nowhere
+    agent(hctl, tag, "b", labels={"touched": "yes"})
+    doc = source_ready(hctl, "a", "False")
+    assert "a.yaml" in cond(doc, "SourceReady")["message"]
+    (outside / "a.yaml.moving").rename(target)
+    source_ready(hctl, "a", "True")
+    assert_undisturbed(hctl, before)
+
+
+def test_a_deleted_manifest_still_stops_its_agent_once_the_read_succeeds(hctl: Controller, tag: str) -> None:
+    agent(hctl, tag, "a")
+    agent(hctl, tag, "b")
+    hctl.start()
+    running(hctl, "a")
+    pid = running(hctl, "b")["instances"][0]["pid"]
+    hctl.delete("b.yaml")
+    wait_for(lambda: hctl.status("b") is None and not pid_alive(pid), DEADLINE, message="b stopped and its status gone")
+    assert cond(running(hctl, "a"), "SourceReady")["status"] == "True"
+
+
+# -- 3. any file name -------------------------------------------------------------------------------
+
+def test_file_names_that_are_not_utf8_are_shown_escaped_everywhere(hctl: Controller, tag: str) -> None:
+    root = os.fsencode(hctl.manifests)
+    good = manifest("cafe", ["sleep", "900002"], env={"FAULT_TAG": tag})
+    bad = manifest("broken", ["sleep", "900003"], replicas=-1)
+    with open(root + b"/caf\xe9.yaml", "w") as fh:
+        fh.write(good)
+    with open(root + b"/bad\xff.yaml", "w") as fh:
+        fh.write(bad)
+    hctl.start()
+    doc = running(hctl, "cafe")
+    assert doc["source"].endswith("caf\\xe9.yaml"), doc["source"]
+    broken = hctl.wait_status("broken", lambda d: cond(d, "Valid").get("status") == "False", DEADLINE, "broken invalid")
+    assert "bad\\xff.yaml" in cond(broken, "Valid")["message"]
+    valid = metric_values(hctl, "agentctl_manifest_valid")
+    assert any("caf\\\\xe9.yaml" in labels or "caf\\xe9.yaml" in labels for labels in valid), valid
+    assert hctl.http("/readyz")[0] == 200
+    # an edit is still written: the status writer is alive
+    with open(root + b"/caf\xe9.yaml", "w") as fh:
+        fh.write(manifest("cafe", ["sleep", "900002"], env={"FAULT_TAG": tag}, labels={"v": "2"}))
+    hctl.wait_status("cafe", lambda d: d.get("labels") == {"v": "2"}, DEADLINE, "the edit applied")
+    out = hctl.cli("validate", str(hctl.manifests))
+    assert out.returncode == 1 and "bad\\xff.yaml:" in out.stdout, out
+    assert hctl.stop() == 0
+    hctl.start()  # and it starts again on the same store
+    assert running(hctl, "cafe")["instances"][0]["pid"] == doc["instances"][0]["pid"]
+    assert hctl.cli("get", "-o", "json").returncode == 0
+
+
+# -- 4. only regular files, never blocking ----------------------------------------------------------
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_fifos_devices_and_directories_are_not_read_and_block_nothing(hctl: Controller, tag: str) -> None:
+    os.mkfifo(hctl.manifests / "fifo.yaml")
+    (hctl.manifests / "zero.yaml").symlink_to("/dev/zero")
+    (hctl.manifests / "dir.yaml").mkdir()
+    secrets = hctl.root / "secrets.env"
+    os.mkfifo(secrets)
+    agent(hctl, tag, "envfifo", envFiles=[str(secrets)])
+    agent(hctl, tag, "fine")
+    started = time.monotonic()
+    out = subprocess.run([PY, "-m", "controller", "validate", str(hctl.manifests), "--base-dir", str(hctl.root)],
+                         capture_output=True, text=True, timeout=60, cwd=hctl.root)
+    assert out.returncode == 1, out
+    for name in ("fifo.yaml", "zero.yaml", "dir.yaml"):
+        assert any(line.startswith(str(hctl.manifests / name) + ":") and "not a regular file" in line
+                   for line in out.stdout.splitlines()), (name, out.stdout)
+    assert "not a regular file" in out.stdout.split("envfifo")[-1] or "envFiles" in out.stdout
+    hctl.start()
+    running(hctl, "fine")
+    doc = hctl.wait_status("envfifo", lambda d: cond(d, "Valid").get("status") == "False", DEADLINE, "envfifo invalid")
+    assert "not a regular file" in cond(doc, "Valid")["message"]
+    agent(hctl, tag, "later")  # the loop still reacts
+    running(hctl, "later")
+    assert hctl.proc is not None
+    assert rss_mib(hctl.proc.pid) < 300, rss_mib(hctl.proc.pid)
+    print(f"validate of a FIFO, /dev/zero and a dir: {time.monotonic() - started:.2f}s including the controller start")
+
+
+# -- 5. the watch survives a swap -------------------------------------------------------------------
+
+def applied_within(ctl: Controller, tag: str, name: str) -> float:
+    """Seconds from writing a new manifest to its agent's status existing."""
+    t0 = time.monotonic()
+    agent(ctl, tag, name)
+    wait_for(lambda: ctl.status(name) is not None, 20.0, interval=0.005, message=f"{name} picked up by the watch")
+    return time.monotonic() - t0
+
+
+def test_the_watch_follows_an_atomic_symlink_swap_of_the_manifests_dir(tmp_path: Path, tag: str,
+                                                                         controller_factory: Callable[..., Controller]) -> None:
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    link = tmp_path / "manifests"
+    link.symlink_to(v1)
+    ctl = controller_factory("c", manifests=link)
+    agent(ctl, tag, "a")
+    ctl.start("--resync", "600")  # only the watch can bring an edit in
+    before = pids_of(ctl, running(ctl, "a")["name"])
+    shutil.copytree(v1, v2)
+    tmp_link = tmp_path / "manifests.tmp"
+    tmp_link.symlink_to(v2)
+    subprocess.run(["mv", "-T", str(tmp_link), str(link)], check=True)
+    agent_in_v2 = manifest("b", ["sleep", "900004"], env={"FAULT_TAG": tag})
+    (v2 / "b.yaml").write_text(agent_in_v2)
+    running(ctl, "b", timeout=20.0)
+    seconds = applied_within(ctl, tag, "c2")
+    print(f"edit after a symlink swap applied in {seconds * 1000:.0f} ms")
+    assert seconds < 10.0  # the resync is 600 s: only the watch can have done it
+    assert_undisturbed(ctl, before)
+
+
+def test_the_watch_survives_deleting_and_recreating_the_manifests_dir(hctl: Controller, tag: str) -> None:
+    agent(hctl, tag, "a")
+    hctl.start("--resync", "600")
+    running(hctl, "a")
+    shutil.rmtree(hctl.manifests)
+    wait_for(lambda: "cannot read the manifest source" in hctl.log(), DEADLINE, message="the missing dir noticed")
+    hctl.manifests.mkdir()
+    seconds = applied_within(hctl, tag, "b")
+    print(f"edit after re-creating the dir applied in {seconds * 1000:.0f} ms")
+    assert seconds < 10.0
+    running(hctl, "b")
+    seconds = applied_within(hctl, tag, "c")
+    print(f"a second edit applied in {seconds * 1000:.0f} ms")
+    assert seconds < 10.0
