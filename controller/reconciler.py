@@ -112,7 +112,8 @@ class Controller:
         self.git: GitSource | None = None
         if settings.git is not None:
             g = settings.git
-            self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git")
+            self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git",
+                                 max_bytes=g.max_bytes)  # intake: --git-max-bytes
         self.agents: dict[str, AgentState] = {}
         self.instances: dict[str, InstanceRecord] = {}  # change only through put() and drop()
         self.by_agent: dict[str, set[str]] = {}  # agent -> its instance ids

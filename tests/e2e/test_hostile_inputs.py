@@ -311,3 +311,102 @@ def test_the_watch_survives_deleting_and_recreating_the_manifests_dir(hctl: Cont
     seconds = applied_within(hctl, tag, "c")
     print(f"a second edit applied in {seconds * 1000:.0f} ms")
     assert seconds < 10.0
+
+
+# -- 9. the Git source exports only its path, under a size limit -------------------------------------
+
+GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+
+
+def git(*args: str, cwd: Path, stdin: str | None = None) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, timeout=120,
+                          input=stdin)
+    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
+    return done.stdout.strip()
+
+
+def git_bomb(work: Path, levels: int = 3, fanout: int = 16, blob_bytes: int = 1 << 20) -> str:
+    """A tree of fanout**levels entries that all point at one blob: tiny in the repository,
+    fanout**levels * blob_bytes once checked out. Returns the top tree's id."""
+    blob = work / "bomb.blob"
+    blob.write_bytes(b"x" * blob_bytes)
+    obj = git("hash-object", "-w", str(blob), cwd=work)
+    blob.unlink()
+    kind, mode = "blob", "100644"
+    for _ in range(levels):
+        entries = "".join(f"{mode} {kind} {obj}\tn{i:02d}\n" for i in range(fanout))
+        obj = git("mktree", cwd=work, stdin=entries)
+        kind, mode = "tree", "040000"
+    return obj
+
+
+def commit_all(work: Path, message: str, bare: Path, *, bomb_at: str | None = None) -> str:
+    git("add", "--all", cwd=work)
+    if bomb_at is not None:
+        git("read-tree", f"--prefix={bomb_at}/", git_bomb(work), cwd=work)
+    git("commit", "--quiet", "-m", message, cwd=work)
+    git("push", "--quiet", str(bare), "HEAD:refs/heads/main", cwd=work)
+    return git("rev-parse", "HEAD", cwd=work)
+
+
+class GitController(Controller):
+    def __init__(self, root: Path, url: str, *extra: str) -> None:
+        super().__init__(root)
+        self.url, self.extra = url, extra
+
+    def args(self, *extra: str) -> list[str]:
+        return [PY, "-m", "controller", "run", "--git-url", self.url, "--git-path", "agents", "--git-interval", "0.5",
+                *self.extra, "--state-dir", str(self.state), "--base-dir", str(self.base),
+                "--metrics-addr", "127.0.0.1:0", *extra]
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_git_exports_only_its_path_and_refuses_a_revision_over_the_limit(tmp_path: Path, tag: str) -> None:
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    work.mkdir()
+    git("init", "--quiet", "--bare", "--initial-branch=main", str(bare), cwd=tmp_path)
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    (work / "agents").mkdir()
+    (work / "agents/a.yaml").write_text(manifest("a", ["sleep", "900005"], env={"FAULT_TAG": tag}))
+    (work / "assets").mkdir()
+    with open(work / "assets/model.bin", "wb") as fh:  # 150 MiB outside the path, sparse on this side
+        fh.truncate(150 << 20)
+    first = commit_all(work, "a, a big file and a git bomb outside the path", bare, bomb_at="vendor/bomb")
+    ctl = GitController(tmp_path / "c", str(bare), "--git-max-bytes", "20Mi")
+    try:
+        ctl.start(wait_ready=False)
+        ctl.wait_ready(60.0)
+        doc = ctl.wait_status("a", lambda d: d.get("phase") == "Running", 60.0, "a Running from Git")
+        assert doc["sourceRevision"] == first and cond(doc, "SourceReady")["status"] == "True"
+        exported = ctl.state / "git" / f"rev-{first}"
+        assert sorted(p.name for p in exported.iterdir()) == ["agents"], list(exported.iterdir())
+        assert ctl.proc is not None
+        peak = peak_rss_mib(ctl.proc.pid)
+        print(f"controller peak RSS with 150 MiB + a 4 GiB bomb outside the path: {peak:.0f} MiB")
+        assert peak < 200, peak
+        pid = doc["instances"][0]["pid"]
+        # the next revision puts a 4 GiB (expanded) bomb under the path and edits a: refused whole
+        (work / "agents/a.yaml").write_text(manifest("a", ["sleep", "900006"], env={"FAULT_TAG": tag}))
+        second = commit_all(work, "a bomb under the path", bare, bomb_at="agents/bomb")
+        doc = source_ready(ctl, "a", "False", 60.0)
+        message = cond(doc, "SourceReady")["message"]
+        assert second in message and str(20 << 20) in message, message
+        assert doc["sourceRevision"] == first and ctl.pids("a") == [pid] and pid_alive(pid)
+        assert not any((ctl.state / "git").glob(f"*{second}*")), list((ctl.state / "git").iterdir())
+        peak = peak_rss_mib(ctl.proc.pid)
+        print(f"controller peak RSS after refusing the bomb: {peak:.0f} MiB")
+        assert peak < 200, peak
+        # and a good revision after it applies
+        git("rm", "-r", "--quiet", "--cached", "agents/bomb", cwd=work)
+        third = commit_all(work, "bomb removed", bare)
+        doc = ctl.wait_status("a", lambda d: d.get("sourceRevision") == third and d.get("phase") == "Running"
+                              and cond(d, "SourceReady").get("status") == "True", 60.0, "the good revision applied")
+        assert ctl.pids("a") != [pid]  # the edit of a (SpecChanged) came with it
+    finally:
+        ctl.cleanup()
