@@ -410,3 +410,63 @@ def test_git_exports_only_its_path_and_refuses_a_revision_over_the_limit(tmp_pat
         assert ctl.pids("a") != [pid]  # the edit of a (SpecChanged) came with it
     finally:
         ctl.cleanup()
+
+
+# -- 10. log rotation keeps pace with the writer ----------------------------------------------------
+
+ROT_MAX = 1 << 20
+ROT_BACKUPS = 2
+ROT_RATE = 20 << 20  # bytes per second: 20 maxBytes a second
+SLACK_SECONDS = 0.5  # of output past the bound: one check interval (tens of ms) plus a busy box's lag
+
+
+def flooder(rate: int, seconds: float) -> list[str]:
+    return [PY, "-u", "-c", f"""
+import os, time
+chunk = b"y" * 65535 + b"\\n"
+began = time.monotonic()
+sent = 0
+while time.monotonic() - began < {seconds}:
+    ahead = sent / {rate} - (time.monotonic() - began)
+    if ahead > 0:
+        time.sleep(ahead)
+    os.write(1, chunk)
+    sent += len(chunk)
+print("done", sent, time.monotonic() - began, flush=True)
+while True:
+    time.sleep(1)
+"""]
+
+
+def test_logs_of_a_fast_writer_stay_within_backups_plus_one_times_max_bytes(hctl: Controller, tag: str) -> None:
+    hctl.write("flood.yaml", manifest("flood", flooder(ROT_RATE, 4.0), env={"FAULT_TAG": tag},
+                                      logs={"maxBytes": ROT_MAX, "backups": ROT_BACKUPS}))
+    hctl.start()
+    running(hctl, "flood")
+    logs = hctl.state / "logs"
+    peak = 0
+    names: set[str] = set()
+
+    def total() -> int:
+        size = 0
+        for path in logs.glob("flood-0.log*"):
+            names.add(path.name)
+            try:
+                size += path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return size
+
+    def finished() -> bool:
+        nonlocal peak
+        peak = max(peak, total())
+        return "done" in (logs / "flood-0.log").read_text(errors="replace")[-200:] if (logs / "flood-0.log").exists() else False
+
+    wait_for(finished, 60.0, interval=0.005, message="the writer done")
+    bound = (ROT_BACKUPS + 1) * ROT_MAX + ROT_RATE * SLACK_SECONDS
+    print(f"20 MiB/s into maxBytes 1 MiB x {ROT_BACKUPS} backups: peak on disk {peak / (1 << 20):.1f} MiB "
+          f"(bound {bound / (1 << 20):.1f} MiB)")
+    assert f"flood-0.log.{ROT_BACKUPS}" in names, names
+    assert peak <= bound, (peak, bound)
+    assert names <= {"flood-0.log"} | {f"flood-0.log.{n}" for n in range(1, ROT_BACKUPS + 1)}, names
+    assert (hctl.status("flood") or {}).get("restarts") == 0
