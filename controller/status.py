@@ -146,6 +146,24 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     return doc
 
 
+def _escaped(value: Any) -> Any:
+    """Every string with what UTF-8 cannot hold (a non-UTF-8 file name) as backslash escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    try:
+        return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+    except UnicodeEncodeError:  # rare: escape only then, not on every write
+        return str(yaml.dump(_escaped(doc), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+
+
 def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
     if a is None:
         return False
@@ -263,7 +281,7 @@ class StatusWriter:
             if doc is None:
                 path.unlink(missing_ok=True)
             else:
-                atomic_write(path, yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+                atomic_write(path, _dump(doc))
         except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: UnicodeEncodeError too
             self.failures += 1
             message = f"cannot write status of {name}: {exc}"

@@ -55,6 +55,20 @@ def source_ready(ctl: Controller, name: str, status: str, timeout: float = DEADL
                            f"{name} SourceReady={status}")
 
 
+def reported_or_stopped(ctl: Controller, name: str, before: dict[str, list[int]],
+                        timeout: float = DEADLINE) -> dict[str, Any]:
+    """Wait until the read failure shows on name's status (SourceReady=False), failing at once,
+    with the real defect, if any process of before died meanwhile."""
+    def check() -> dict[str, Any] | None:
+        dead = [p for ps in before.values() for p in ps if not pid_alive(p)]
+        assert not dead, f"agents were stopped by a read that failed: {dead}\n{ctl.log()[-3000:]}"
+        doc = ctl.status(name)
+        return doc if doc and cond(doc, "SourceReady").get("status") == "False" else None
+    found = wait_for(check, timeout, message=f"{name} SourceReady=False")
+    assert found is not None
+    return found
+
+
 def pids_of(ctl: Controller, *names: str) -> dict[str, list[int]]:
     return {n: ctl.pids(n) for n in names}
 
@@ -88,9 +102,13 @@ def test_a_full_descriptor_table_stops_nothing_and_is_reported(hctl: Controller,
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
     try:
         agent(hctl, tag, "c")  # a file event: the controller walks the manifests dir and cannot
-        wait_for(lambda: "cannot read the manifest source" in hctl.log(), DEADLINE, message="the read failure logged")
+
+        def logged() -> bool:  # status files cannot be written either (no descriptor): the log says it
+            dead = [p for ps in before.values() for p in ps if not pid_alive(p)]
+            assert not dead, f"agents were stopped by a walk that failed: {dead}\n{hctl.log()[-3000:]}"
+            return "cannot read the manifest source" in hctl.log()
+        wait_for(logged, DEADLINE, message="the read failure logged")
         assert "Too many open files" in hctl.log()
-        assert all(pid_alive(p) for ps in before.values() for p in ps)
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     for name in ("a", "b"):
@@ -108,7 +126,7 @@ def test_a_renamed_away_manifests_dir_is_a_read_failure_not_a_deletion(hctl: Con
     new = hctl.root / "manifests.new"
     shutil.copytree(hctl.manifests, new)
     hctl.manifests.rename(hctl.root / "manifests.old")
-    doc = source_ready(hctl, "a", "False")
+    doc = reported_or_stopped(hctl, "a", before)
     assert cond(doc, "SourceReady")["reason"] == "ReadFailed" and "manifests" in cond(doc, "SourceReady")["message"]
     assert running(hctl, "b")["phase"] == "Running"
     new.rename(hctl.manifests)
@@ -131,8 +149,8 @@ def test_rename_based_redeploys_in_a_row_restart_nothing(hctl: Controller, tag: 
         shutil.rmtree(old)
     agent(hctl, tag, "z")  # and the watch still follows the directory now under that name
     running(hctl, "z")
-    source_ready(hctl, "a", "True")
     assert_undisturbed(hctl, before)
+    source_ready(hctl, "a", "True")
 
 
 class UnprivilegedController(Controller):
@@ -154,7 +172,7 @@ def test_an_unreadable_subdirectory_keeps_its_agents_and_the_rest_applies(tmp_pa
         before = pids_of(ctl, *(running(ctl, n)["name"] for n in ("a", "b")))
         sub.chmod(0)
         agent(ctl, tag, "c")  # a successful part of the read still applies
-        doc = source_ready(ctl, "a", "False")
+        doc = reported_or_stopped(ctl, "a", before)
         assert "team" in cond(doc, "SourceReady")["message"] and "Permission denied" in cond(doc, "SourceReady")["message"]
         running(ctl, "c")
         time.sleep(3.0)  # the directory stays unreadable for 3 s, as in the review: a duration, not a wait
@@ -178,8 +196,8 @@ def test_a_dangling_manifest_symlink_keeps_its_agent(hctl: Controller, tag: str)
     hctl.start()
     before = pids_of(hctl, *(running(hctl, n)["name"] for n in ("a", "b")))
     target.rename(outside / "a.yaml.moving")  # the link now points nowhere
-    agent(hctl, tag, "b", labels={"touched": "yes"})
-    doc = source_ready(hctl, "a", "False")
+    agent(hctl, tag, "b", labels={"touched": "yes"})  # a file event: the controller reads the dir again
+    doc = reported_or_stopped(hctl, "a", before)
     assert "a.yaml" in cond(doc, "SourceReady")["message"]
     (outside / "a.yaml.moving").rename(target)
     source_ready(hctl, "a", "True")
@@ -194,7 +212,7 @@ def test_a_deleted_manifest_still_stops_its_agent_once_the_read_succeeds(hctl: C
     pid = running(hctl, "b")["instances"][0]["pid"]
     hctl.delete("b.yaml")
     wait_for(lambda: hctl.status("b") is None and not pid_alive(pid), DEADLINE, message="b stopped and its status gone")
-    assert cond(running(hctl, "a"), "SourceReady")["status"] == "True"
+    assert cond(running(hctl, "a"), "SourceReady").get("status") == "True"
 
 
 # -- 3. any file name -------------------------------------------------------------------------------
@@ -301,8 +319,11 @@ def test_the_watch_survives_deleting_and_recreating_the_manifests_dir(hctl: Cont
     agent(hctl, tag, "a")
     hctl.start("--resync", "600")
     running(hctl, "a")
+    pid = hctl.pids("a")[0]
     shutil.rmtree(hctl.manifests)
-    wait_for(lambda: "cannot read the manifest source" in hctl.log(), DEADLINE, message="the missing dir noticed")
+    # the files go first, then the dir: a read in between sees an empty dir (a deletion), after it none
+    wait_for(lambda: "cannot read the manifest source" in hctl.log() or not pid_alive(pid), DEADLINE,
+             message="the removal noticed")
     hctl.manifests.mkdir()
     seconds = applied_within(hctl, tag, "b")
     print(f"edit after re-creating the dir applied in {seconds * 1000:.0f} ms")
