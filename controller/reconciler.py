@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from controller import logfiles, procfs
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
-from controller.intake import SourceHealth, kept_by_failure, merge_validity
+from controller.sourcehealth import SourceHealth, kept_by_failure, merge_validity
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
 from controller.manifests import AgentManifest, ParsedDocument
 from controller.model import (
