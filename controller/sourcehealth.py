@@ -1,8 +1,8 @@
 """Read failures of the manifest source: what they protect from deletion, and how they are reported.
 
-Called from the reconciler's `sync_manifests` (hooks marked `# intake:`; on the split layout: runtime/intake.py `Intake.sync`) after each load.
-Pure bookkeeping over a LoadResult: it reads no files and never starts or stops anything.
-A read that fails is never a deletion (CONTRACT §11); this module says which agents it covers.
+Called after each load from the reconciler's `sync_manifests` (hooks marked `# intake:`;
+`Intake.sync` in the split runtime). Pure bookkeeping over a LoadResult: it reads no files
+and never starts or stops anything. A read that fails is never a deletion (CONTRACT §11).
 """
 
 from __future__ import annotations
