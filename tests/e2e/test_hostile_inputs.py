@@ -22,6 +22,10 @@ from typing import Any
 
 import pytest
 
+from controller.gitsource import GitSource
+from controller.loader import ManifestSource
+from controller.providers import BUILTIN
+from controller.store import AgentRow, Store
 from tests.e2e.test_faults import DEADLINE, kill_tagged, metric_values, running
 from tests.helpers import PY, Controller, manifest, pid_alive, wait_for
 
@@ -491,3 +495,28 @@ def test_logs_of_a_fast_writer_stay_within_backups_plus_one_times_max_bytes(hctl
     assert peak <= bound, (peak, bound)
     assert names <= {"flood-0.log"} | {f"flood-0.log.{n}" for n in range(1, ROT_BACKUPS + 1)}, names
     assert (hctl.status("flood") or {}).get("restarts") == 0
+
+
+@pytest.mark.skipif(GIT is None, reason="git is not installed")
+def test_a_git_revision_with_a_file_name_that_is_not_utf8_loads_with_the_name_escaped(tmp_path: Path) -> None:
+    """The same loader path as a directory, through a real export (every host of a fleet reads it)."""
+
+    bare, work = tmp_path / "repo.git", tmp_path / "work"
+    work.mkdir()
+    git("init", "--quiet", "--bare", "--initial-branch=main", str(bare), cwd=tmp_path)
+    git("init", "--quiet", "--initial-branch=main", cwd=work)
+    (work / "agents").mkdir()
+    with open(os.fsencode(work / "agents") + b"/caf\xe9.yaml", "w") as fh:
+        fh.write(manifest("cafe", ["sleep", "900007"]))
+    sha = commit_all(work, "a name that is not UTF-8", bare)
+    src = GitSource(str(bare), ref=None, path="agents", workdir=tmp_path / "state" / "git")
+    assert src.sync().revision == sha
+    root = src.manifests_root()
+    assert root is not None
+    result = ManifestSource(root, base_dir=tmp_path, providers=frozenset(BUILTIN)).load()
+    assert result.manifests["cafe"].source == f"{root}/caf\\xe9.yaml"
+    store = Store(tmp_path / "state.db")  # the write that used to raise UnicodeEncodeError
+    store.put_agent(AgentRow("cafe", result.manifests["cafe"].source, None, None, 0.0, sha))
+    store.commit()
+    assert store.agents()["cafe"].source.endswith("caf\\xe9.yaml")
+    store.close()
