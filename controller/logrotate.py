@@ -20,7 +20,7 @@ from controller.reconciler import Controller
 log = logging.getLogger("agentctl.health")
 MIN_CHECK = 0.02  # the most often one log is looked at (a stat): bounds the overshoot to rate x 20 ms
 FIRST_CHECK = 0.1  # a new log: learn its rate soon
-QUIET_CHECK = 5.0  # the least often: a quiet agent may start to flood at any time
+QUIET_CHECK = 10.0  # the least often: a quiet agent may start to flood at any time (a stat per log)
 IDLE_WAKE = 1.0  # with nothing due, look for new instances this often
 RATE_HALF_LIFE = 5.0  # seconds: how fast a writer that went quiet stops being treated as fast
 

@@ -1,7 +1,9 @@
 """Wake-ups for the reconcile loop: manifest file events, restart requests, periodic resync.
 
 Runtime layer. Each source only marks the controller dirty and wakes it; the loop does
-the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s).
+the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s). The
+manifests dir is watched from its parent too, so a rename, symlink swap or re-creation of
+the dir re-aims the recursive watch instead of losing it (CONTRACT §11).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
 RETRY_MIN, RETRY_MAX = 0.02, 1.0  # seconds before watching again after a watch broke (doubling)
 STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread wakes (idle CPU)
+ENTRIES_STEP_MS = 100  # the parent dir and restart requests: a swap is rare, a request is not urgent
 
 
 def _relevant(root: Path) -> watchfiles.BaseFilter:
@@ -90,7 +93,8 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
     while not stop.is_set():
         try:
             async for changes in watchfiles.awatch(
-                *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS, step=STEP_MS,
+                *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS,
+                step=ENTRIES_STEP_MS,
                 stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
                 recursive=False, ignore_permission_denied=True,
             ):
