@@ -289,10 +289,12 @@ def test_fifos_devices_and_directories_are_not_read_and_block_nothing(hctl: Cont
 # -- 5. the watch survives a swap -------------------------------------------------------------------
 
 def applied_within(ctl: Controller, tag: str, name: str) -> float:
-    """Seconds from writing a new manifest to its agent's status existing."""
+    """Seconds from writing a new manifest to its agent in the API (the status file comes up to
+    0.1 s later: its writer coalesces bursts)."""
     t0 = time.monotonic()
     agent(ctl, tag, name)
-    wait_for(lambda: ctl.status(name) is not None, 20.0, interval=0.005, message=f"{name} picked up by the watch")
+    wait_for(lambda: ctl.http(f"/api/v1/agents/{name}")[0] == 200, 20.0, interval=0.005,
+             message=f"{name} picked up by the watch")
     return time.monotonic() - t0
 
 
