@@ -92,7 +92,7 @@ class GitSource:
                 self._export(sha)
                 self._swap(sha)
                 self._prune(keep={sha, before})
-        except GitError as exc:
+        except (GitError, OSError) as exc:  # OSError: the state dir is full or read-only
             self.last_error = str(exc)
             return SyncResult(before, False, str(exc))
         self.last_sync = time.time()
@@ -124,7 +124,7 @@ class GitSource:
         tmp.mkdir(mode=0o700)
         try:
             _archive(self.repo, tree, tmp, self.max_bytes)
-        except GitError as exc:
+        except (GitError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if "larger than" in str(exc):
                 self._refused = (sha, f"revision {sha}: {exc}")

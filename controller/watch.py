@@ -15,6 +15,7 @@ from pathlib import Path
 
 import watchfiles
 
+from controller.gitsource import SyncResult
 from controller.loader import is_ignored
 from controller.reconciler import Controller
 
@@ -163,7 +164,11 @@ async def git_poller(controller: Controller, stop: asyncio.Event, interval: floa
     assert git is not None
     while not stop.is_set():
         before = git.last_error
-        result = await asyncio.to_thread(git.sync)
+        try:
+            result = await asyncio.to_thread(git.sync)
+        except Exception as exc:  # noqa: BLE001 - polling must outlive any one failure (CONTRACT §11)
+            git.last_error = f"git sync failed: {exc!r}"
+            result = SyncResult(git.revision, False, git.last_error)
         if result.error and result.error != before:
             log.error("git fetch of %s failed, keeping revision %s: %s", git.url, result.revision, result.error)
         if result.changed:
@@ -192,8 +197,11 @@ async def resync_ticker(controller: Controller, stop: asyncio.Event, period: flo
             pass
         if stop.is_set():
             return
-        if time.monotonic() >= next_resync:
-            next_resync = time.monotonic() + period
-            controller.resync()
-        elif controller.source_health.failures:
-            _manifests_changed(controller)
+        try:
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + period
+                controller.resync()
+            elif controller.source_health.failures:
+                _manifests_changed(controller)
+        except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
+            log.error("resync failed: %r", exc)
