@@ -274,7 +274,8 @@ def test_fifos_devices_and_directories_are_not_read_and_block_nothing(hctl: Cont
     for name in ("fifo.yaml", "zero.yaml", "dir.yaml"):
         assert any(line.startswith(str(hctl.manifests / name) + ":") and "not a regular file" in line
                    for line in out.stdout.splitlines()), (name, out.stdout)
-    assert "not a regular file" in out.stdout.split("envfifo")[-1] or "envFiles" in out.stdout
+    assert any("envfifo.yaml:" in line and "envFiles[0]" in line and "not a regular file (a FIFO)" in line
+               for line in out.stdout.splitlines()), out.stdout
     hctl.start()
     running(hctl, "fine")
     doc = hctl.wait_status("envfifo", lambda d: cond(d, "Valid").get("status") == "False", DEADLINE, "envfifo invalid")
