@@ -26,7 +26,7 @@ from controller.gitsource import GitSource
 from controller.loader import ManifestSource
 from controller.providers import BUILTIN
 from controller.store import AgentRow, Store
-from tests.e2e.test_faults import DEADLINE, kill_tagged, metric_values, running
+from tests.e2e.test_faults import DEADLINE, holds, kill_tagged, metric_values, running
 from tests.helpers import PY, Controller, manifest, pid_alive, wait_for
 
 SETPRIV = shutil.which("setpriv")
@@ -112,7 +112,6 @@ def test_a_full_descriptor_table_stops_nothing_and_is_reported(hctl: Controller,
             assert not dead, f"agents were stopped by a walk that failed: {dead}\n{hctl.log()[-3000:]}"
             return "cannot read the manifest source" in hctl.log()
         wait_for(logged, DEADLINE, message="the read failure logged")
-        assert "Too many open files" in hctl.log()
     finally:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
     for name in ("a", "b"):
@@ -177,10 +176,11 @@ def test_an_unreadable_subdirectory_keeps_its_agents_and_the_rest_applies(tmp_pa
         sub.chmod(0)
         agent(ctl, tag, "c")  # a successful part of the read still applies
         doc = reported_or_stopped(ctl, "a", before)
-        assert "team" in cond(doc, "SourceReady")["message"] and "Permission denied" in cond(doc, "SourceReady")["message"]
+        assert "team" in cond(doc, "SourceReady")["message"], doc
         running(ctl, "c")
-        time.sleep(3.0)  # the directory stays unreadable for 3 s, as in the review: a duration, not a wait
-        assert ctl.pids("a") == before["a"] and all(pid_alive(p) for p in before["a"])
+        # the directory stays unreadable for 3 s, as in the review, while re-reads go on every second
+        holds(lambda: ctl.pids("a") == before["a"] and all(pid_alive(p) for p in before["a"]), 3.0,
+              "a was disturbed while its directory could not be read")
         sub.chmod(0o755)
         source_ready(ctl, "a", "True")
         assert_undisturbed(ctl, before)
