@@ -1,8 +1,10 @@
 """Loading a manifests directory: walk, read, parse, resolve paths against the base dir.
 
-Owns every file read that a manifest causes (the YAML itself and its envFiles). Keeps a
-per-file cache keyed by (mtime, size, inode) so a pass over 1000 unchanged files only stats.
-Called by the reconciler, `validate` and `plan`; never starts or stops anything.
+Owns every file read that a manifest causes (the YAML itself and its envFiles): only regular
+files, opened without blocking, bounded in size; a part that cannot be read is reported as
+such, never as an empty directory. Keeps a per-file cache keyed by (mtime, size, inode) so a
+pass over 1000 unchanged files only stats. Called by the reconciler, `validate` and `plan`;
+never starts or stops anything.
 """
 
 from __future__ import annotations
