@@ -26,6 +26,7 @@ from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
 from controller.settings import (
+    GIT_MAX_BYTES,
     ConfigFile,
     Coordination,
     GitSource,
@@ -33,6 +34,7 @@ from controller.settings import (
     is_loopback,
     parse_addr,
     parse_host_labels,
+    parse_size,
 )
 from controller.sourcelock import SourceLock, SourceLocked, source_keys
 from controller.sourcelock import acquire as acquire_source
@@ -58,6 +60,8 @@ def _source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--git-ref")
     p.add_argument("--git-path")
     p.add_argument("--git-interval", type=float)
+    p.add_argument("--git-max-bytes", type=_size, help="most one revision's export of --git-path may hold "
+                   "(default 100Mi)")
     p.add_argument("--host-name")
     p.add_argument("--host-labels", help="k=v,k2=v2")
     p.add_argument("--max-agents", type=int)
@@ -180,7 +184,16 @@ def _git(args: argparse.Namespace, cfg: ConfigFile) -> GitSource | None:
         ref=_pick(getattr(args, "git_ref", None), cfg.git_ref, cfg_git.ref if cfg_git else None),
         path=_pick(getattr(args, "git_path", None), cfg.git_path, cfg_git.path if cfg_git else None),
         interval=_pick(getattr(args, "git_interval", None), cfg.git_interval, cfg_git.interval if cfg_git else None, 30.0),
+        max_bytes=_pick(getattr(args, "git_max_bytes", None), cfg.git_max_bytes,
+                        cfg_git.max_bytes if cfg_git else None, GIT_MAX_BYTES),
     )
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_settings(args: argparse.Namespace) -> Settings:

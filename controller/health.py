@@ -1,4 +1,4 @@
-"""Health policies: memory limits, liveness probes (logIdle, exec, httpGet), log rotation.
+"""Health policies: memory limits, liveness probes (logIdle, exec, httpGet); starts log rotation.
 
 Runtime layer, driven by `health_loop` beside the reconcile loop. A memory round is one
 /proc pass for all limited instances together. Probes run as tasks with timeouts, never
@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 
 from controller import logfiles, procfs
 from controller.activity_sampler import ActivitySampler
+from controller.logrotate import rotation_loop
 from controller.manifests import AgentSpec, Liveness
 from controller.model import ExitReason, InstanceRecord, InstanceSpec, RunState
 from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
 log = logging.getLogger("agentctl.health")
-ROTATE_EVERY = 2.0  # the fastest a log is re-checked: bounds a fast writer to ~2 s of output past maxBytes
-QUIET_LOG_RECHECK = 60.0  # the slowest: a log that did not grow
 MEMORY_EVERY = 0.5
 MAX_PERIOD = 5.0
 MIN_WAIT = 0.02
@@ -47,9 +46,6 @@ class ProbeState:
 class Health:
     controller: Controller
     probes: dict[str, ProbeState] = field(default_factory=dict)
-    last_rotate: float = float("-inf")
-    _next_rotate: dict[str, float] = field(default_factory=dict)  # instance -> when to look at its log again
-    _last_size: dict[str, tuple[int, float]] = field(default_factory=dict)  # instance -> (size, when)
     next_memory: float = float("-inf")
     # set by a finished probe: its result may call for the next one sooner than any timer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -64,10 +60,7 @@ class Health:
     def round(self, now: float) -> float:
         """One sampling round; returns seconds until the next one is useful."""
         live = self.live()
-        if now - self.last_rotate >= ROTATE_EVERY:
-            self.last_rotate = now
-            self._rotate(live, now)
-        waits = [MAX_PERIOD, self.last_rotate + ROTATE_EVERY - now]
+        waits = [MAX_PERIOD]  # intake: log rotation moved to controller/logrotate.py (its own task)
         waits.append(self._memory(live, now))
         waits.append(self._liveness(live, now))
         waits.append(self.activity.round(live, now))  # activity: captures due, before logIdle looks again
@@ -89,37 +82,6 @@ class Health:
         now = self.controller.instances.get(rec.id)
         return (now is not None and now.state == RunState.RUNNING and now.started_mono == rec.started_mono
                 and now.health is None)
-
-    # -- log rotation ---------------------------------------------------------
-    def _rotate(self, live: list[InstanceRecord], now: float) -> None:
-        """A log is looked at again sooner the faster it fills: a fast writer every ROTATE_EVERY
-        seconds, a quiet agent about once a minute (a stat per live log each time)."""
-        for rec in live:
-            spec = self._spec(rec)
-            if spec is None or self._next_rotate.get(rec.id, 0.0) > now:
-                continue
-            limits = spec.logs
-            path = self.controller.log_path(rec.id)
-            try:
-                rotated = logfiles.rotate_if_needed(path, limits.max_bytes, limits.backups)
-                size = logfiles.size(path)
-            except OSError as exc:
-                log.error("%s log rotation failed: %s", rec.id, exc)
-                continue
-            if rotated:
-                log.info("%s log rotated (over %d bytes)", rec.id, limits.max_bytes)
-                self._last_size.pop(rec.id, None)  # a fast writer: learn its rate again, soon
-            before = self._last_size.get(rec.id)
-            rate = max(0.0, size - before[0]) / max(now - before[1], 1e-3) if before else None
-            headroom = max(0, limits.max_bytes - size)
-            # no rate yet: look again soon to learn it; a log that did not grow: about once a minute
-            wait = ROTATE_EVERY if rate is None else headroom / rate / 2 if rate > 0 else QUIET_LOG_RECHECK
-            self._last_size[rec.id] = (size, now)
-            self._next_rotate[rec.id] = now + min(max(wait, ROTATE_EVERY), QUIET_LOG_RECHECK)
-        gone = set(self._next_rotate) - {r.id for r in live}
-        for iid in gone:
-            self._next_rotate.pop(iid, None)
-            self._last_size.pop(iid, None)
 
     # -- memory ---------------------------------------------------------------
     def _memory(self, live: list[InstanceRecord], now: float) -> float:
@@ -309,6 +271,7 @@ async def _body_start(reader: asyncio.StreamReader) -> bytes:
 
 async def health_loop(controller: Controller, stop: asyncio.Event) -> None:
     health = Health(controller)
+    rotation = asyncio.ensure_future(rotation_loop(controller, stop))  # intake: rotation paced by write rate, off the loop
     started = asyncio.Event()
     controller.on_start.append(started.set)  # a new instance may need a probe schedule at once
     try:
@@ -326,4 +289,6 @@ async def health_loop(controller: Controller, stop: asyncio.Event) -> None:
                 w.cancel()
     finally:
         controller.on_start.remove(started.set)
+        rotation.cancel()  # intake
+        await asyncio.gather(rotation, return_exceptions=True)  # intake
         await health.cancel()

@@ -1,14 +1,17 @@
 """Loading a manifests directory: walk, read, parse, resolve paths against the base dir.
 
-Owns every file read that a manifest causes (the YAML itself and its envFiles). Keeps a
-per-file cache keyed by (mtime, size, inode) so a pass over 1000 unchanged files only stats.
-Called by the reconciler, `validate` and `plan`; never starts or stops anything.
+Owns every file read that a manifest causes (the YAML itself and its envFiles): only regular
+files, opened without blocking, bounded in size; a part that cannot be read is reported as
+such, never as an empty directory. Keeps a per-file cache keyed by (mtime, size, inode) so a
+pass over 1000 unchanged files only stats. Called by the reconciler, `validate` and `plan`;
+never starts or stops anything.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,18 +27,67 @@ def is_ignored(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts) or bool(EDITOR_TEMP.search(rel.name))
 
 
-def manifest_files(root: Path) -> list[Path]:
-    """Every .yaml/.yml file below root, sorted, skipping hidden paths and temporaries."""
-    if root.is_file():
-        return [root]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+def shown(path: str | os.PathLike[str]) -> str:
+    """A file name as text that can be written anywhere (store, YAML, metrics, logs): bytes that
+    are not UTF-8 (kept by Python as surrogate escapes) are shown as backslash escapes, `caf\\xe9`."""
+    text = os.fspath(path)
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+@dataclass
+class Walk:
+    """What one walk of a root found: manifest files, and the parts of the tree it could not read."""
+
+    files: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # root, directory or file -> why
+    not_regular: list[Path] = field(default_factory=list)  # directories named like manifests
+
+
+def walk_manifests(root: Path) -> Walk:
+    """Every .yaml/.yml file below root, sorted, skipping hidden paths and temporaries.
+    Every directory that cannot be listed is recorded, never skipped in silence: a walk that
+    failed must not look like a directory that is empty (CONTRACT §11)."""
+    walk = Walk()
+    try:
+        st = os.stat(root)
+    except OSError as exc:
+        walk.failed.append((root, _reason(exc)))
+        return walk
+    if not stat.S_ISDIR(st.st_mode):
+        walk.files.append(root)  # a file given as the root: reading it checks what it is
+        return walk
+
+    def failed(exc: OSError) -> None:
+        walk.failed.append((Path(exc.filename) if exc.filename else root, _reason(exc)))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=failed, followlinks=False):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            if d.endswith((".yaml", ".yml")) and not is_ignored(Path(dirpath, d).relative_to(root)):
+                walk.not_regular.append(Path(dirpath, d))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         for name in filenames:
             path = Path(dirpath, name)
             if path.suffix in (".yaml", ".yml") and not is_ignored(path.relative_to(root)):
-                found.append(path)
-    return sorted(found)
+                walk.files.append(path)
+    walk.files.sort()
+    return walk
+
+
+def manifest_files(root: Path) -> list[Path]:
+    """The files of walk_manifests (for callers that only list)."""
+    return walk_manifests(root).files
 
 
 @dataclass
@@ -46,6 +98,16 @@ class LoadResult:
     names_by_file: dict[str, set[str]] = field(default_factory=dict)
     # files that had an error not attributable to one document (syntax, size, encoding)
     broken_files: set[str] = field(default_factory=set)
+    # roots, directories and files that could not be read (display path -> why): what they
+    # declared is unknown, so none of it may be taken as deleted (CONTRACT §11)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+    def unread_reason(self, source: str) -> str | None:
+        """Why source (a display path) could not be read this time, or None if it was read."""
+        for part, why in self.unreadable.items():
+            if source == part or source.startswith(part.rstrip("/") + "/"):
+                return why
+        return None
 
     def errors_for(self, name: str) -> list[ManifestError]:
         return [e for e in self.errors if e.agent == name]
@@ -66,6 +128,51 @@ def inside(base: Path, target: str) -> Path | None:
     if resolved == real_base or real_base in resolved.parents:
         return resolved
     return None
+
+
+class NotRegularFile(Exception):
+    """A FIFO, device, socket or directory where a file was expected (message: what it is)."""
+
+
+class TooLarge(Exception):
+    pass
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), "not a file")
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file (symlinks resolved), at most limit of them.
+
+    A FIFO or device is refused without blocking: stat first (an open of a socket fails, of
+    some devices has effects), then open O_NONBLOCK and fstat again, for a file swapped in
+    between. Raises NotRegularFile, TooLarge, or OSError when the read itself fails."""
+    if not stat.S_ISREG(mode := os.stat(path).st_mode):
+        raise NotRegularFile(_kind(mode))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(_kind(st.st_mode))
+        if st.st_size > limit:
+            raise TooLarge(f"file is {st.st_size} bytes, larger than the limit of {limit}")
+        chunks, total = [], 0
+        while total <= limit:  # the size may have grown since fstat: never read past the limit
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"file is larger than the limit of {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 DOTENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
@@ -109,7 +216,9 @@ def parse_dotenv(text: str) -> tuple[dict[str, str], list[tuple[int, str]]]:
     return values, errors
 
 
-def read_env_files(doc: ParsedDocument, base: Path, file: str) -> tuple[dict[str, str], list[ManifestError]]:
+def read_env_files(doc: ParsedDocument, base: Path, file: str,
+                   transient: list[str] | None = None) -> tuple[dict[str, str], list[ManifestError]]:
+    """transient collects reads that failed (EMFILE, EACCES...): worth retrying, not caching."""
     env: dict[str, str] = {}
     errors: list[ManifestError] = []
     name = doc.manifest.metadata.name
@@ -120,11 +229,17 @@ def read_env_files(doc: ParsedDocument, base: Path, file: str) -> tuple[dict[str
             errors.append(ManifestError(file, line, f"spec.envFiles[{i}]: {rel!r} is outside the base dir {base}", name))
             continue
         try:
-            if path.stat().st_size > MAX_ENV_FILE_BYTES:
-                raise ValueError(f"larger than {MAX_ENV_FILE_BYTES} bytes")
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            errors.append(ManifestError(file, line, f"spec.envFiles[{i}]: cannot read {rel!r}: {exc}", name))
+            text = read_regular(path, MAX_ENV_FILE_BYTES).decode("utf-8")
+        except NotRegularFile as exc:
+            errors.append(ManifestError(file, line, f"spec.envFiles[{i}]: {shown(rel)}: not a regular file ({exc})", name))
+            continue
+        except OSError as exc:
+            if transient is not None:
+                transient.append(f"{shown(rel)}: {_reason(exc)}")
+            errors.append(ManifestError(file, line, f"spec.envFiles[{i}]: cannot read {shown(rel)!r}: {_reason(exc)}", name))
+            continue
+        except (UnicodeDecodeError, TooLarge) as exc:
+            errors.append(ManifestError(file, line, f"spec.envFiles[{i}]: cannot read {shown(rel)!r}: {exc}", name))
             continue
         values, bad = parse_dotenv(text)
         # never echo a value: only the env file's own line number
@@ -133,8 +248,8 @@ def read_env_files(doc: ParsedDocument, base: Path, file: str) -> tuple[dict[str
     return env, errors
 
 
-def resolve_doc(doc: ParsedDocument, base: Path, file: str,
-                providers: frozenset[str]) -> tuple[Loaded | None, list[ManifestError]]:
+def resolve_doc(doc: ParsedDocument, base: Path, file: str, providers: frozenset[str],
+                transient: list[str] | None = None) -> tuple[Loaded | None, list[ManifestError]]:
     """Checks that need the file system or the controller's configuration."""
     spec = doc.manifest.spec
     name = doc.manifest.metadata.name
@@ -148,7 +263,7 @@ def resolve_doc(doc: ParsedDocument, base: Path, file: str,
         errors.append(ManifestError(file, doc.line_of("spec", "cwd"), f"spec.cwd: {spec.cwd!r} is outside the base dir {base}", name))
     elif not cwd.is_dir():
         errors.append(ManifestError(file, doc.line_of("spec", "cwd"), f"spec.cwd: {spec.cwd!r} is not a directory", name))
-    env, env_errors = read_env_files(doc, base, file)
+    env, env_errors = read_env_files(doc, base, file, transient)
     errors.extend(env_errors)
     if errors or cwd is None:
         return None, errors
@@ -156,13 +271,14 @@ def resolve_doc(doc: ParsedDocument, base: Path, file: str,
 
 
 def read_manifest_text(path: Path, display: str) -> tuple[str | None, ManifestError | None]:
+    """The text of a manifest file, or the error that makes it invalid. A read that fails
+    (EMFILE, EACCES, ENOENT...) raises OSError: it says nothing about what the file declares."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            return None, ManifestError(display, 1, f"file is {size} bytes, larger than the limit of {MAX_FILE_BYTES}")
-        raw = path.read_bytes()
-    except OSError as exc:
-        return None, ManifestError(display, 1, f"cannot read: {exc.strerror or exc}")
+        raw = read_regular(path, MAX_FILE_BYTES)
+    except NotRegularFile as exc:
+        return None, ManifestError(display, 1, f"not a regular file ({exc})")
+    except TooLarge as exc:
+        return None, ManifestError(display, 1, str(exc))
     try:
         return raw.decode("utf-8"), None
     except UnicodeDecodeError as exc:
@@ -195,23 +311,37 @@ class ManifestSource:
     def root(self) -> Path:
         return self.roots[0][0]
 
-    def _files_with_display(self) -> list[tuple[Path, str]]:
+    def _walk(self) -> tuple[list[tuple[Path, str]], LoadResult]:
+        """Files with the name errors use for them; what could not be read goes into the result."""
         out: list[tuple[Path, str]] = []
+        result = LoadResult()
         for root, given in self.roots:
-            for path in manifest_files(root):
-                out.append((path, given if path == root else os.path.join(given, str(path.relative_to(root)))))
-        return out
+            def display(path: Path, root: Path = root, given: str = given) -> str:
+                return shown(given if path == root else os.path.join(given, str(path.relative_to(root))))
 
-    def _parse(self, path: Path, display: str) -> _FileEntry | None:
+            walk = walk_manifests(root)
+            out.extend((path, display(path)) for path in walk.files)
+            for path, why in walk.failed:
+                result.unreadable[display(path)] = why
+            for path in walk.not_regular:
+                result.errors.append(ManifestError(display(path), 1, "not a regular file (a directory)"))
+                result.names_by_file.setdefault(display(path), set())
+        return out, result
+
+    def _parse(self, path: Path, display: str) -> _FileEntry | str:
+        """The parsed file, or why it could not be read (never cached: the next load retries it)."""
         try:
             st = path.stat()
-        except OSError:
-            return None
+        except OSError as exc:
+            return _reason(exc)  # e.g. a dangling symlink: what it declared is unknown, not gone
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         cached = self._files.get(path)
         if cached is not None and cached.key == key:
             return cached
-        text, error = read_manifest_text(path, display)
+        try:
+            text, error = read_manifest_text(path, display)
+        except OSError as exc:
+            return _reason(exc)
         if not self.allow_insecure and error is None and st.st_mode & 0o002:
             text, error = None, ManifestError(display, 1, "refused: the file is writable by other users "
                                               "(chmod o-w it, or run with --allow-insecure-manifests)")
@@ -224,16 +354,16 @@ class ManifestSource:
 
     def load(self, previous: dict[str, str] | None = None) -> LoadResult:
         """previous: agent name -> source it was running from, to keep it on a name clash."""
-        files = self._files_with_display()
+        files, result = self._walk()
         present = {p for p, _ in files}
         self._files = {p: e for p, e in self._files.items() if p in present}
         live_docs = {id(d) for e in self._files.values() for d in e.docs}
         self._resolved = {k: v for k, v in self._resolved.items() if k in live_docs}
-        result = LoadResult()
         candidates: dict[str, list[tuple[ParsedDocument, str]]] = {}
         for path, display in files:
             entry = self._parse(path, display)
-            if entry is None:
+            if isinstance(entry, str):
+                result.unreadable[display] = entry
                 continue
             names = result.names_by_file.setdefault(display, set())
             for err in entry.errors:
@@ -250,6 +380,10 @@ class ManifestSource:
                 candidates.setdefault(doc.manifest.metadata.name, []).append((doc, display))
         for name, docs in candidates.items():
             self._choose(name, docs, result, (previous or {}).get(name))
+        # reported like any error (validate prints it, the controller logs it), but never a deletion
+        file_names = {display for _, display in files}  # a file's line is 1, a directory's 0
+        result.errors.extend(ManifestError(part, int(part in file_names), f"cannot read: {why}")
+                             for part, why in result.unreadable.items())
         result.errors.sort(key=lambda e: (e.file, e.line))
         return result
 
@@ -279,6 +413,8 @@ class ManifestSource:
         cached = self._resolved.get(id(doc))
         if cached is not None and cached[0] is doc and cached[1] == deps:
             return cached[2], cached[3]
-        loaded, errors = resolve_doc(doc, self.base_dir, file, self.providers)
-        self._resolved[id(doc)] = (doc, deps, loaded, errors)
+        transient: list[str] = []
+        loaded, errors = resolve_doc(doc, self.base_dir, file, self.providers, transient)
+        if not transient:  # a read that failed (EMFILE...) is tried again next time
+            self._resolved[id(doc)] = (doc, deps, loaded, errors)
         return loaded, errors

@@ -1,14 +1,13 @@
 """Instance log files: tail, escape-code stripping, size-based rotation.
 
 Agents write their log directly (O_APPEND), so that they outlive the controller without a
-broken pipe; rotation is therefore copy-then-truncate, done by the reconciler's sampler.
+broken pipe; rotation is therefore copy-then-truncate, scheduled by controller/logrotate.py.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 # CSI and OSC sequences, other two-byte escapes, and stray control characters except \t and \n
@@ -76,6 +75,10 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
                 os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
         target = path.with_name(f"{path.name}.1")
         with open(path, "rb") as src, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
+            # up to what was there plus maxBytes: a writer faster than the copy cannot keep it going
+            left = size + max_bytes
+            while left > 0 and (chunk := src.read(min(left, 1024 * 1024))):
+                dst.write(chunk)
+                left -= len(chunk)
     os.truncate(path, 0)
     return True

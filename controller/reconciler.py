@@ -34,6 +34,7 @@ from controller.runtime.publish import Publisher, Snapshot
 from controller.runtime.queue import WorkQueue
 from controller.runtime.table import AgentState, AgentTable
 from controller.settings import Settings
+from controller.sourcehealth import SourceHealth
 from controller.status import StatusWriter, atomic_write
 from controller.store import Store, open_readonly
 from controller.supervisors.base import Context, Supervisor, SupervisorError
@@ -193,6 +194,10 @@ class Controller:
         self.intake.git = value
 
     @property
+    def source_health(self) -> SourceHealth:
+        return self.intake.source_health
+
+    @property
     def snapshot(self) -> Snapshot:
         return self.publisher.snapshot
 
@@ -297,7 +302,8 @@ class Controller:
         if not agent.present and not self.table.of(name):
             self._drop_agent(name)
             return
-        self.publisher.agent(agent, self.view(agent), source_ready=self.intake.source_ready())
+        self.publisher.agent(agent, self.view(agent), source_ready=self.intake.source_ready(),
+                             source_reason=self.intake.source_reason())
 
     def _drop_agent(self, name: str) -> None:
         agent = self.table.drop_agent(name)

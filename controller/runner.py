@@ -153,7 +153,8 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
             from controller.gitsource import GitError, GitSource
 
             g = controller.git
-            controller.git = GitSource(g.url, ref=g.ref, path=g.path.strip("/") or None, workdir=Path(scratch))
+            controller.git = GitSource(g.url, ref=g.ref, path=g.path.strip("/") or None, workdir=Path(scratch),
+                                       max_bytes=g.max_bytes)  # intake: --git-max-bytes
             result = controller.git.sync()
             if result.error:
                 raise GitError(f"git fetch of {g.url} failed: {result.error}")

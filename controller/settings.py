@@ -16,12 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from controller.manifests import ENV_KEY_RE, NoNulStr
 
 
+GIT_MAX_BYTES = 100 * 1024 * 1024  # what one revision's export of the path may hold (CONTRACT §11)
+
+
 class GitSource(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
     url: str
     ref: str | None = None
     path: str | None = None
     interval: float = Field(30.0, gt=0)
+    max_bytes: int = Field(GIT_MAX_BYTES, gt=0, alias="maxBytes")
 
 
 EnvKey = Annotated[str, Field(pattern=ENV_KEY_RE)]
@@ -79,6 +83,7 @@ class ConfigFile(BaseModel):
     git_path: str | None = Field(None, alias="gitPath")
     git_interval: float | None = Field(None, gt=0, alias="gitInterval")
     http_allowed_hosts: str | list[str] | None = Field(None, alias="httpAllowedHosts")  # comma list, or a YAML list
+    git_max_bytes: int | None = Field(None, gt=0, alias="gitMaxBytes")
     env: dict[EnvKey, NoNulStr] = Field(default_factory=dict)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     coordination: Coordination | None = None
@@ -156,3 +161,16 @@ def parse_addr(text: str) -> tuple[str, int]:
 
 def is_loopback(host: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
+
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """`104857600`, `100Mi`, `1G` -> bytes; raises ValueError naming the bad value."""
+    value = text.strip().lower().removesuffix("b")
+    number = value.rstrip("kmgi")
+    unit = value[len(number):]
+    if not number.isdigit() or unit not in _UNITS or int(number) <= 0:
+        raise ValueError(f"size {text!r} is not a positive number of bytes (e.g. 104857600, 100Mi, 1G)")
+    return int(number) * _UNITS[unit]

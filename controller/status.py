@@ -103,7 +103,8 @@ class StatusInput:
     labels: dict[str, str] = field(default_factory=dict)
     supervisor: str = "process"
     source_revision: str | None = None
-    source_ready: tuple[bool, str] | None = None  # Git sources only: (ok, message)
+    source_ready: tuple[bool, str] | None = None  # (ok, message); None: no SourceReady condition
+    source_reason: str | None = None  # why it is not ready; default: a Git fetch failed
     created_at: float | None = None
     activity: Mapping[str, Observation] = field(default_factory=dict)  # activity: instance id -> observation
 
@@ -128,7 +129,8 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     ]
     if inp.source_ready is not None:
         ok, message = inp.source_ready
-        conditions.append(_condition("SourceReady", ok, "Synced" if ok else "FetchFailed", message, now, prev_conditions))
+        reason = "Synced" if ok else inp.source_reason or "FetchFailed"
+        conditions.append(_condition("SourceReady", ok, reason, message, now, prev_conditions))
     doc: dict[str, Any] = {
         "name": inp.name,
         "source": inp.source,
@@ -149,6 +151,24 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     return doc
 
 
+def _escaped(value: Any) -> Any:
+    """Every string with what UTF-8 cannot hold (a non-UTF-8 file name) as backslash escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escaped(k): _escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    try:
+        return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+    except UnicodeEncodeError:  # rare: escape only then, not on every write
+        return str(yaml.dump(_escaped(doc), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+
+
 def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
     if a is None:
         return False
@@ -158,7 +178,8 @@ def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
 def atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        # a name that slipped through unescaped is written escaped rather than failing the write
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -214,7 +235,10 @@ class StatusWriter:
     def _queue(self, name: str, doc: dict[str, Any] | None) -> None:
         with self._cond:
             self._pending[name] = doc
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
+                if self._thread is not None:  # it cannot die of a write (see _run); say so if it did anyway
+                    log.error("status writer thread was gone: started again")
+                self._busy = False
                 self._thread = threading.Thread(target=self._run, name="agentctl-status", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
@@ -226,21 +250,35 @@ class StatusWriter:
             self._cond.wait_for(lambda: (not self._pending and not self._busy) or self._failed_batches > start, timeout)
 
     def _run(self) -> None:
+        """Never returns: a batch that raises is logged, counted and retried, so status files
+        (and /readyz, which reports last_error) never go stale in silence (CONTRACT §11)."""
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: bool(self._pending))
-            time.sleep(self.COALESCE_SECONDS)  # let a burst of changes collapse into one write each
-            with self._cond:
-                batch, self._pending, self._busy = self._pending, {}, True
-            failed = [name for name, doc in batch.items() if not self._write_now(name, doc)]
-            with self._cond:
-                for name in failed:
-                    self._pending.setdefault(name, batch[name])  # retried with the next batch
-                self._busy = False
-                self._failed_batches += bool(failed)
-                self._cond.notify_all()
-            if failed:
-                time.sleep(1.0)  # disk full or read-only: retry once a second, not in a spin
+            try:
+                self._one_batch()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
+                with self._cond:
+                    self._busy = False
+                    self.failures += 1
+                    self.last_error = f"status writer failed: {exc!r}"
+                    self._cond.notify_all()
+                log.error("%s; retrying in 1s", self.last_error)
+                time.sleep(1.0)
+
+    def _one_batch(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: bool(self._pending))
+        time.sleep(self.COALESCE_SECONDS)  # let a burst of changes collapse into one write each
+        with self._cond:
+            batch, self._pending, self._busy = self._pending, {}, True
+        failed = [name for name, doc in batch.items() if not self._write_now(name, doc)]
+        with self._cond:
+            for name in failed:
+                self._pending.setdefault(name, batch[name])  # retried with the next batch
+            self._busy = False
+            self._failed_batches += bool(failed)
+            self._cond.notify_all()
+        if failed:
+            time.sleep(1.0)  # disk full or read-only: retry once a second, not in a spin
 
     def _write_now(self, name: str, doc: dict[str, Any] | None) -> bool:
         path = self.dir / f"{name}.yaml"
@@ -248,8 +286,8 @@ class StatusWriter:
             if doc is None:
                 path.unlink(missing_ok=True)
             else:
-                atomic_write(path, yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
-        except OSError as exc:
+                atomic_write(path, _dump(doc))
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: UnicodeEncodeError too
             self.failures += 1
             message = f"cannot write status of {name}: {exc}"
             if message != self.last_error:

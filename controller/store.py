@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,15 @@ LOOP_BUSY_TIMEOUT = 0.05  # the loop never blocks longer than this on a lock hel
 RETRY_AFTER = 1.0  # after a failed commit, the next attempt waits this long (writes stay buffered)
 READ_BUSY_TIMEOUT = 5.0  # a CLI command reading the store while another process locks it
 CLOSE_BUSY_TIMEOUT = 10.0  # at exit a lock is waited for longer: what is not written then is lost
+
+
+def safe_text(text: str) -> str:
+    """Text SQLite can store: a file name that is not UTF-8 (surrogate escapes in Python) is
+    kept with backslash escapes (`caf\\xe9.yaml`) rather than failing the write."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside the escape range: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def record_to_json(rec: InstanceRecord) -> str:
@@ -391,7 +400,7 @@ class Store:
 
     def put_agent(self, row: AgentRow) -> None:
         self._check_writable()
-        self.pending.agents[row.name] = row
+        self.pending.agents[row.name] = replace(row, source=safe_text(row.source))  # any file name
 
     def delete_agent(self, name: str) -> None:
         self._check_writable()
@@ -423,7 +432,7 @@ class Store:
     # -- events -------------------------------------------------------------
     def add_event(self, ev: Event) -> None:
         self._check_writable()
-        self.pending.events.append(ev)
+        self.pending.events.append(replace(ev, reason=safe_text(ev.reason), message=safe_text(ev.message)))
         if len(self.pending.events) > EVENTS_WAITING_KEPT:
             # the store has refused writes for a long time: keep the newest, as pruning would
             if not self.events_dropped:

@@ -1,38 +1,66 @@
 """Wake-ups for the reconcile loop: manifest file events, restart requests, periodic resync.
 
 Runtime layer. Each source only marks the controller dirty and wakes it; the loop does
-the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s).
+the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s). The
+manifests dir is watched from its parent too, so a rename, symlink swap or re-creation of
+the dir re-aims the recursive watch instead of losing it (CONTRACT §11).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import watchfiles
 
+from controller.gitsource import SyncResult
 from controller.loader import is_ignored
 from controller.reconciler import Controller
 
 log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
+RETRY_MIN, RETRY_MAX = 0.02, 1.0  # seconds before watching again after a watch broke (doubling)
 STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread wakes (idle CPU)
+ENTRIES_STEP_MS = 100  # the parent dir and restart requests: a swap is rare, a request is not urgent
 
 
-def _relevant(root: Path, requests: Path) -> watchfiles.BaseFilter:
+def _relevant(root: Path) -> watchfiles.BaseFilter:
+    class Filter(watchfiles.BaseFilter):
+        def __call__(self, change: watchfiles.Change, path: str) -> bool:
+            try:
+                rel = Path(path).relative_to(root)
+            except ValueError:
+                return True
+            return rel == Path(".") or not is_ignored(rel)
+
+    return Filter()
+
+
+def _entries(given: Path, requests: Path) -> watchfiles.BaseFilter:
+    """Events of the parent dir about the manifests dir's own entry, and restart requests."""
     class Filter(watchfiles.BaseFilter):
         def __call__(self, change: watchfiles.Change, path: str) -> bool:
             p = Path(path)
-            if p.parent == requests:
-                return p.suffix == ".restart"
-            try:
-                rel = p.relative_to(root)
-            except ValueError:
-                return True  # the root itself (moved, deleted)
-            return not is_ignored(rel)
+            return p == given or (p.parent == requests and p.suffix == ".restart")
 
     return Filter()
+
+
+class _Either:
+    """A stop event for one watch: the controller stops, or the watched directory was replaced.
+    watchfiles sets it when its task is cancelled, which must not stop the controller."""
+
+    def __init__(self, *events: asyncio.Event) -> None:
+        self.events = events
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set or any(e.is_set() for e in self.events)
+
+    def set(self) -> None:
+        self._set = True
 
 
 def consume_requests(controller: Controller, requests: Path) -> None:
@@ -46,32 +74,88 @@ def consume_requests(controller: Controller, requests: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-async def watch_files(controller: Controller, stop: asyncio.Event) -> None:
-    """Manifest dir events (directory sources only) and restart requests."""
-    root = controller.settings.manifests.resolve()
-    requests = (controller.state_dir / "requests").resolve()
-    paths = [requests] if controller.git is not None else [root, requests]
-    consume_requests(controller, requests)
+def _manifests_changed(controller: Controller) -> None:
+    controller.manifests_changed = True
+    controller.wake()
+
+
+async def _pause(stop: asyncio.Event, *others: asyncio.Event, seconds: float = 1.0) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in (stop, *others)]
+    await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+
+
+async def _watch_entries(controller: Controller, given: Path | None, requests: Path, replaced: asyncio.Event,
+                         stop: asyncio.Event) -> None:
+    """Non-recursive: the manifests dir's parent (a rename, symlink swap, deletion or re-creation
+    of the dir is an event there, never inside it) and the restart requests dir."""
+    paths = [requests] + ([given.parent] if given is not None else [])
     while not stop.is_set():
         try:
             async for changes in watchfiles.awatch(
-                *paths, watch_filter=_relevant(root, requests), debounce=DEBOUNCE_MS, step=STEP_MS,
-                stop_event=stop, recursive=True, ignore_permission_denied=True,
+                *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS,
+                step=ENTRIES_STEP_MS,
+                stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
+                recursive=False, ignore_permission_denied=True,
             ):
-                if any(Path(p).parent != requests for _, p in changes):
-                    controller.manifests_changed = True
-                    controller.wake()
+                if any(Path(p) == given for _, p in changes):
+                    log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
+                    replaced.set()
+                    _manifests_changed(controller)
                 if any(Path(p).parent == requests for _, p in changes):
                     consume_requests(controller, requests)
-        except (OSError, RuntimeError) as exc:
-            # the directory vanished or the watcher broke: resync keeps working, retry the watch
-            log.error("file watch failed (%s); retrying in 1s", exc)
-            controller.manifests_changed = True
-            controller.wake()
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except TimeoutError:
-                pass
+        except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+            log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
+            await _pause(stop)
+
+
+async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Event, stop: asyncio.Event) -> None:
+    """Recursive watch of the directory the manifests path resolves to now; started again on the
+    directory that path names after a swap (the old watch would follow the old inode)."""
+    pause = RETRY_MIN
+    while not stop.is_set():
+        replaced.clear()
+        target = given.resolve()
+        if not target.is_dir():
+            await _pause(stop, replaced)  # absent for now: the parent watch says when it is back
+            _manifests_changed(controller)
+            continue
+        began = time.monotonic()
+        try:
+            async for _ in watchfiles.awatch(
+                target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
+                stop_event=_Either(stop, replaced),  # type: ignore[arg-type]  # only is_set() and set() are used
+                recursive=True, ignore_permission_denied=True,
+            ):
+                _manifests_changed(controller)
+                if given.resolve() != target or not target.is_dir():
+                    replaced.set()  # the swap itself was seen from inside: re-aim now
+        except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+            # e.g. an event on a file name that is not UTF-8 (watchfiles cannot decode it): something
+            # changed, so read now, and watch again at once unless it keeps failing
+            _manifests_changed(controller)
+            pause = RETRY_MIN if time.monotonic() - began > RETRY_MAX else min(pause * 2, RETRY_MAX)
+            log.warning("file watch of %s interrupted (%r); watching again in %.2fs", target, exc, pause)
+            await _pause(stop, replaced, seconds=pause)
+        _manifests_changed(controller)  # whatever happened while re-aiming is read once more
+
+
+async def watch_files(controller: Controller, stop: asyncio.Event) -> None:
+    """Manifest dir events (directory sources only) and restart requests."""
+    given = None if controller.git is not None else controller.settings.manifests.absolute()
+    requests = (controller.state_dir / "requests").resolve()
+    consume_requests(controller, requests)
+    replaced = asyncio.Event()
+    tasks = [asyncio.ensure_future(_watch_entries(controller, given, requests, replaced, stop))]
+    if given is not None:
+        tasks.append(asyncio.ensure_future(_watch_tree(controller, given, replaced, stop)))
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def git_poller(controller: Controller, stop: asyncio.Event, interval: float) -> None:
@@ -80,7 +164,11 @@ async def git_poller(controller: Controller, stop: asyncio.Event, interval: floa
     assert git is not None
     while not stop.is_set():
         before = git.last_error
-        result = await asyncio.to_thread(git.sync)
+        try:
+            result = await asyncio.to_thread(git.sync)
+        except Exception as exc:  # noqa: BLE001 - polling must outlive any one failure (CONTRACT §11)
+            git.last_error = f"git sync failed: {exc!r}"
+            result = SyncResult(git.revision, False, git.last_error)
         if result.error and result.error != before:
             log.error("git fetch of %s failed, keeping revision %s: %s", git.url, result.revision, result.error)
         if result.changed:
@@ -93,9 +181,27 @@ async def git_poller(controller: Controller, stop: asyncio.Event, interval: floa
             pass
 
 
+SOURCE_RETRY = 1.0  # while part of the manifest source cannot be read, read it again this often
+
+
 async def resync_ticker(controller: Controller, stop: asyncio.Event, period: float) -> None:
+    """The periodic resync; while a read of the source fails, also a re-read every SOURCE_RETRY
+    seconds, so the problem clears (and a vanished file is deleted) without waiting a period."""
+    next_resync = time.monotonic() + period
     while not stop.is_set():
+        # a failure may begin at any time: look every SOURCE_RETRY seconds (one cheap wake-up)
+        wait = min(SOURCE_RETRY, next_resync - time.monotonic())
         try:
-            await asyncio.wait_for(stop.wait(), period)
+            await asyncio.wait_for(stop.wait(), max(0.0, wait))
         except TimeoutError:
-            controller.resync()
+            pass
+        if stop.is_set():
+            return
+        try:
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + period
+                controller.resync()
+            elif controller.source_health.failures:
+                _manifests_changed(controller)
+        except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
+            log.error("resync failed: %r", exc)

@@ -20,6 +20,7 @@ from controller.providers import Preset, merge_presets
 from controller.runtime.queue import WorkQueue
 from controller.runtime.table import AgentState, AgentTable
 from controller.settings import Settings
+from controller.sourcehealth import SourceHealth, kept_by_failure, merge_validity
 from controller.store import AgentRow
 
 log = logging.getLogger("agentctl")
@@ -37,8 +38,10 @@ class Intake:
         self.git: GitSource | None = None
         if settings.git is not None:
             g = settings.git
-            self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git")
+            self.git = GitSource(g.url, ref=g.ref, path=g.path, workdir=settings.state_dir / "git",
+                                 max_bytes=g.max_bytes)
         self.manifest_valid: dict[str, bool] = {}
+        self.source_health = SourceHealth()  # which parts of the manifest source failed to read
         self.per_instance_placement = False  # a fleet on etcd places instances, not agents (CONTRACT §10)
         self._logged_file_errors: set[str] = set()
 
@@ -87,6 +90,8 @@ class Intake:
             result = self.load()
             if result is None:
                 return
+        if self.source_health.update(result):
+            self.queue.mark_all(self.table.agents)  # SourceReady changes on every status
         declared: set[str] = set()
         for name, loaded in result.manifests.items():
             declared.add(name)
@@ -106,11 +111,13 @@ class Intake:
             self._take_invalid(name, result, messages)
         for name, agent in self.table.agents.items():
             if name not in declared and agent.present:
+                if kept_by_failure(result, agent.source):
+                    continue  # a read that failed is never a deletion (CONTRACT §11)
                 agent.present = False
                 log.info("%s manifest removed -> stopping", name)
                 self.table.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.queue.mark(name)
-        self.manifest_valid = self._validity(result)
+        self.manifest_valid = merge_validity(self.manifest_valid, self._validity(result), result)  # unread files keep theirs
 
     def _log_file_errors(self, result: LoadResult) -> None:
         """A file whose agent cannot even be named gets a log line (once per distinct error)."""
@@ -170,8 +177,15 @@ class Intake:
         self.queue.mark(name)
 
     def source_ready(self) -> tuple[bool, str] | None:
-        if self.git is None:
-            return None
-        if self.git.last_error:
+        """SourceReady: a Git fetch error first, then parts of the source that could not be read."""
+        if self.git is not None and self.git.last_error:
             return False, self.git.last_error
+        if (problem := self.source_health.problem()) is not None:
+            return False, problem
+        if self.git is None:
+            return True, f"{self.settings.manifests} read"
         return True, f"{self.git.url} at {self.git.revision}"
+
+    def source_reason(self) -> str | None:
+        """The reason of SourceReady=False: the status's own (Git) or ReadFailed."""
+        return None if self.git is not None and self.git.last_error else "ReadFailed"

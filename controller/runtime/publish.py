@@ -46,7 +46,8 @@ class Publisher:
         # a fleet: every instance of the fleet with its host, and FleetReady (CONTRACT §10)
         self.decorate: Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]] | None = None
 
-    def agent(self, agent: AgentState, view: AgentView, *, source_ready: tuple[bool, str] | None) -> None:
+    def agent(self, agent: AgentState, view: AgentView, *, source_ready: tuple[bool, str] | None,
+              source_reason: str | None = None) -> None:
         """Render and write one agent's status file (only when it changed)."""
         if not agent.placed and agent.present and not self.table.of(agent.name):
             self.status.remove(agent.name)  # moved elsewhere and nothing of it is left here
@@ -63,6 +64,7 @@ class Publisher:
                 supervisor=desired.spec.supervisor if desired else "process",
                 source_revision=agent.source_revision,
                 source_ready=source_ready,
+                source_reason=source_reason,
                 created_at=agent.first_seen,
                 activity=self.activity,
             ),

@@ -306,3 +306,98 @@ def test_broken_file_does_not_hide_the_valid_ones(base: Path) -> None:
     result = load(base)
     assert list(result.manifests) == ["reviewer"]
     assert result.broken_files == {str(base / "manifests/b.yaml")}
+
+
+# -- hostile reads (CONTRACT §11) ---------------------------------------------------------------
+
+def test_a_missing_root_is_a_read_failure_not_an_empty_directory(base: Path) -> None:
+    result = source(base, base / "gone").load()
+    assert result.manifests == {} and result.names_by_file == {}
+    assert result.unread_reason(str(base / "gone" / "a.yaml")) is not None
+    assert any("cannot read" in m for m in messages(result))
+
+
+def test_a_symlink_loop_as_root_is_a_read_failure(base: Path) -> None:
+    (base / "l1").symlink_to(base / "l2")
+    (base / "l2").symlink_to(base / "l1")
+    result = source(base, base / "l1").load()
+    assert result.unread_reason(str(base / "l1")) is not None
+
+
+def test_a_dangling_manifest_symlink_is_unreadable_and_the_rest_loads(base: Path) -> None:
+    write(base / "manifests/b.yaml", manifest_yaml("b"))
+    (base / "manifests/a.yaml").symlink_to(base / "nowhere.yaml")
+    result = load(base)
+    assert list(result.manifests) == ["b"]
+    assert result.unread_reason(str(base / "manifests/a.yaml")) is not None
+    assert result.unread_reason(str(base / "manifests/b.yaml")) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "socket"])
+def test_only_regular_files_are_read_and_nothing_blocks(base: Path, kind: str, tmp_path: Path) -> None:
+    import socket
+
+    path = base / "manifests/x.yaml"
+    listener = None
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        write(path / "inner.yaml", manifest_yaml("inner"))
+    else:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+    try:
+        result = load(base)
+    finally:
+        if listener is not None:
+            listener.close()
+    assert [str(e) for e in result.errors if "x.yaml" in e.file] == [f"{path}:1: not a regular file "
+                                                                     f"({loader._kind(os.stat(path).st_mode)})"]
+    assert result.manifests == {} and result.unreadable == {}
+
+
+def test_an_env_file_that_is_a_fifo_is_an_error_found_without_blocking(base: Path) -> None:
+    os.mkfifo(base / "secrets.env")
+    write(base / "manifests/a.yaml", manifest_yaml("a", envFiles=["secrets.env"]))
+    result = load(base)
+    assert result.manifests == {}
+    assert any("envFiles[0]" in m and "not a regular file (a FIFO)" in m for m in messages(result))
+
+
+def test_reads_are_bounded_even_when_the_size_lies(base: Path) -> None:
+    path = write(base / "big.bin", b"x" * 5000)
+    with pytest.raises(loader.TooLarge):
+        loader.read_regular(path, 4096)
+    assert loader.read_regular(path, 5000) == b"x" * 5000
+
+
+def test_a_file_name_that_is_not_utf8_is_shown_with_backslash_escapes(base: Path) -> None:
+    root = os.fsencode(base / "manifests")
+    with open(root + b"/caf\xe9.yaml", "w") as fh:
+        fh.write(manifest_yaml("cafe"))
+    with open(root + b"/bad\xff.yaml", "w") as fh:
+        fh.write("not: [valid")
+    result = load(base)
+    assert result.manifests["cafe"].source == str(base / "manifests") + "/caf\\xe9.yaml"
+    assert any(e.file.endswith("bad\\xff.yaml") for e in result.errors)
+    for text in [result.manifests["cafe"].source, *messages(result)]:
+        text.encode("utf-8")  # storable, printable, a metric label: no surrogate left
+
+
+def test_a_failed_env_file_read_is_not_cached(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(base / "secrets.env", "TOKEN=x\n")
+    write(base / "manifests/a.yaml", manifest_yaml("a", envFiles=["secrets.env"]))
+    src = source(base)
+    real = loader.read_regular
+
+    def emfile(path: Path, limit: int) -> bytes:
+        if path.name == "secrets.env":
+            raise OSError(24, "Too many open files")
+        return real(path, limit)
+
+    monkeypatch.setattr(loader, "read_regular", emfile)
+    assert src.load().manifests == {}
+    monkeypatch.setattr(loader, "read_regular", real)
+    assert list(src.load().manifests) == ["a"]  # read again, nothing changed on disk

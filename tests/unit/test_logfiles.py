@@ -117,3 +117,16 @@ def test_rotation_keeps_the_same_file_so_an_appending_agent_keeps_writing_to_it(
     assert log.stat().st_ino == inode
     assert log.read_bytes() == b"after rotation\n"
     assert (tmp_path / "reviewer-0.log.1").read_bytes() == b"y" * 4096
+
+
+def test_a_log_is_looked_at_as_often_as_its_write_rate_requires() -> None:
+    from controller.logrotate import FIRST_CHECK, MIN_CHECK, QUIET_CHECK, Rotator
+
+    wait = Rotator._wait
+    assert wait(None, 10 << 20, FIRST_CHECK) == FIRST_CHECK  # no rate yet: learn it soon
+    assert wait(50 << 20, 10 << 20, FIRST_CHECK) == pytest.approx(0.1)  # half the time to fill the headroom
+    assert wait(50 << 20, 0, FIRST_CHECK) == MIN_CHECK  # at the limit: as often as allowed
+    assert wait(10, 10 << 20, FIRST_CHECK) == QUIET_CHECK  # a trickle: seldom, but never more than QUIET
+    # a log that stopped growing is looked at less and less often, not suddenly every QUIET seconds
+    assert wait(0.0, 10 << 20, MIN_CHECK) == 2 * FIRST_CHECK
+    assert wait(0.0, 10 << 20, QUIET_CHECK) == QUIET_CHECK

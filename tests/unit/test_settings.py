@@ -9,7 +9,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from controller.settings import ConfigFile, GitSource, Settings, is_loopback, parse_addr, parse_host_labels
+from controller.settings import (
+    GIT_MAX_BYTES,
+    ConfigFile,
+    GitSource,
+    Settings,
+    is_loopback,
+    parse_addr,
+    parse_host_labels,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(("text", "labels"), [
@@ -117,3 +126,26 @@ def test_settings_defaults_are_the_contract_defaults(tmp_path: Path, monkeypatch
     assert (s.manifests, s.state_dir, s.base_dir) == (Path("manifests"), Path(".agentctl"), tmp_path)
     assert (s.metrics_addr, s.resync, s.max_agents, s.stop_agents_on_exit) == ("127.0.0.1:9478", 30.0, None, False)
     assert (s.log_dir, s.status_dir) == (Path(".agentctl/logs"), Path(".agentctl/status"))
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("104857600", 104857600), ("100Mi", 100 << 20), ("1G", 10**9), ("64ki", 64 << 10), ("5MiB", 5 << 20),
+])
+def test_sizes_parse_with_optional_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "-1", "1.5Mi", "10 apples", "Mi"])
+def test_bad_sizes_are_rejected_by_value(text: str) -> None:
+    with pytest.raises(ValueError, match="not a positive number of bytes"):
+        parse_size(text)
+
+
+def test_git_max_bytes_defaults_to_100_mib_and_is_a_config_key() -> None:
+    assert GitSource(url="x").max_bytes == GIT_MAX_BYTES == 100 << 20
+    cfg = config("git: {url: /srv/repo.git, path: agents, maxBytes: 1048576}\n")
+    source = cfg.git_source()
+    assert source is not None and source.max_bytes == 1 << 20
+    assert config("gitUrl: /srv/repo.git\ngitMaxBytes: 2048\n").git_max_bytes == 2048
+    with pytest.raises(ValidationError):
+        config("git: {url: /srv/repo.git, maxBytes: 0}\n")

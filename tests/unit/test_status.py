@@ -213,3 +213,44 @@ def test_unreadable_status_file_reads_as_missing(tmp_path: Path) -> None:
     assert read_status(tmp_path, "broken") is None and read_status(tmp_path, "list") is None
     assert read_status(tmp_path, "missing") is None
     assert read_all(tmp_path) == []
+
+
+def test_a_directory_source_that_cannot_be_read_says_so_with_its_reason() -> None:
+    doc = render(status_input(source_ready=(False, "cannot read manifests: No such file or directory"),
+                              source_reason="ReadFailed"), at(0), None)
+    cond = conditions(doc)["SourceReady"]
+    assert (cond["status"], cond["reason"]) == ("False", "ReadFailed") and "manifests" in cond["message"]
+
+
+def test_a_status_that_cannot_be_written_is_reported_and_the_writer_goes_on(tmp_path: Path) -> None:
+    writer = StatusWriter(tmp_path / "status")
+    bad = {"name": "a", "unwritable": object()}  # YAML cannot represent it: the write fails
+    writer.write("a", bad)
+    writer.flush(timeout=5.0)
+    assert writer.failures >= 1 and writer.last_error and "a" in writer.last_error
+    writer.remove("a")  # the bad document is replaced: the writer still works
+    writer.write("b", render(status_input(name="b"), at(0), None))
+    writer.flush(timeout=5.0)
+    assert read_status(tmp_path / "status", "b") is not None
+    assert writer.last_error is None
+
+
+def test_a_writer_thread_that_is_gone_is_started_again(tmp_path: Path) -> None:
+    import threading
+
+    writer = StatusWriter(tmp_path / "status")
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    writer._thread = dead  # as if it had died
+    writer.write("c", render(status_input(name="c"), at(0), None))
+    writer.flush(timeout=5.0)
+    assert read_status(tmp_path / "status", "c") is not None
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path: Path) -> None:
+    writer = StatusWriter(tmp_path / "status")
+    writer.write("d", render(status_input(name="d", source="manifests/caf\udce9.yaml"), at(0), None))
+    writer.flush(timeout=5.0)
+    doc = read_status(tmp_path / "status", "d")
+    assert doc is not None and doc["source"] == "manifests/caf\\udce9.yaml"
