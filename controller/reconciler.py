@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller import logfiles, procfs
+from controller import logfiles, opsrequests, opsview, procfs
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
@@ -140,6 +140,9 @@ class Controller:
         self.manifests_changed = True
         self.on_publish: list[Callable[[], None]] = []
         self.on_start: list[Callable[[], None]] = []
+        # opscli: operator overrides (suspend) and reconcile requests; acks go out after a publish
+        self.ops = opsrequests.OpsState(settings.state_dir)
+        self.on_publish.append(lambda: opsrequests.after_publish(self))
         self._wake: asyncio.Event | None = None
         self.store: Store | None = None
         self.supervisors: dict[str, Supervisor] = {}
@@ -260,7 +263,8 @@ class Controller:
         for name, agent in self.agents.items():
             if name not in declared and agent.present:
                 agent.present = False
-                log.info("%s manifest removed -> stopping", name)
+                log.info("%s manifest removed -> stopping", name,
+                         extra={"agent": name, "action": "delete", "reason": "ManifestDeleted"})
                 self.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.mark(name)
         self.manifest_valid = self._validity(result)
@@ -292,8 +296,11 @@ class Controller:
             agent = self.agents[name] = AgentState(name, loaded.source, time.time())
             self.event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
         revision = self.git.revision if self.git is not None else None
-        if agent.loaded is loaded and agent.valid and agent.present and agent.source_revision == revision:
+        if agent.loaded is loaded and agent.valid and agent.present and agent.source_revision == revision \
+                and not agent.errors:  # opscli: a duplicate's error must clear once the duplicate is gone
             return  # the loader's cache says nothing this agent reads has changed
+        if agent.errors and agent.valid:
+            self.mark(name)  # opscli: republish; _take_invalid sets the errors again if the duplicate stays
         agent.loaded = loaded
         desired = self._desire(loaded)
         placed = placed_here(loaded.manifest, self.settings.host_name, self.settings.host_labels)
@@ -316,7 +323,9 @@ class Controller:
         if agent is None:
             agent = self.agents[name] = AgentState(name, messages[0].split(":", 1)[0], time.time())
         if agent.valid or agent.errors != messages or not agent.present:
-            log.warning("%s invalid manifest, keeping the last valid spec: %s", name, messages[0])
+            keeping = ", keeping the last valid spec" if agent.desired is not None else ""  # opscli: none if never valid
+            log.warning("%s invalid manifest%s: %s", name, keeping, messages[0],
+                        extra={"agent": name, "action": "invalid", "reason": "InvalidManifest"})
             self.event(name, None, "InvalidManifest", "InvalidManifest", messages[0])
         agent.valid, agent.errors, agent.present = False, messages, True
         self.mark(name)
@@ -387,6 +396,7 @@ class Controller:
             unavailable=unavailable,
             last_signal=last.stop_signal if last else signals.SIGTERM,
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
+            operator_suspended=self.ops.is_suspended(agent.name),  # opscli: `agentctl suspend`
         )
 
     def _capacity(self) -> int:
@@ -537,7 +547,8 @@ class Controller:
             handle = await self.call(sup, sup.start, spec, self.log_path(spec.id))
         except SupervisorError as exc:
             self.action_failures += 1
-            log.error("%s start failed: %s", spec.id, exc)
+            log.error("%s start failed: %s", spec.id, exc,
+                      extra={"agent": agent.name, "instance": spec.id, "action": "start", "reason": "Error"})
             self.event(agent.name, spec.id, "FailedStart", "Error", str(exc))
             failed = ExitInfo(127, None, now_wall, 0.0, ExitReason.ERROR, (), str(exc))
             self.put(replace(base, state=RunState.EXITED, last_exit=failed))
@@ -552,7 +563,8 @@ class Controller:
             for hook in self.on_start:  # only starts that need a probe or memory schedule wake the sampler
                 hook()
         verb = "Restarted" if prev is not None else "Started"
-        log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb)
+        log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb,
+                 extra={"agent": agent.name, "instance": spec.id, "action": verb.lower(), "reason": action.reason})
         self.event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
 
     def _check_cwd(self, cwd: str) -> None:
@@ -577,7 +589,8 @@ class Controller:
         deadline = time.monotonic() + action.grace
         self.put(replace(rec, state=RunState.STOPPING, stop_reason=str(action.reason), stop_deadline=deadline))
         log.info("%s Running -> Stopping (%s, %s, grace %gs)", rec.id, action.reason,
-                 signals.Signals(action.signal).name, action.grace)
+                 signals.Signals(action.signal).name, action.grace,
+                 extra={"agent": rec.agent, "instance": rec.id, "action": "stop", "reason": str(action.reason)})
         self.event(rec.agent, rec.id, "Stopping", action.reason, f"signal {signals.Signals(action.signal).name}")
         await self.call(sup, sup.signal, rec.handle, action.signal)
         if action.grace <= 0:
@@ -588,7 +601,8 @@ class Controller:
         sup = self.supervisors.get(rec.supervisor)
         if rec.handle is None or sup is None:
             return
-        log.warning("%s grace period over -> SIGKILL to the group", rec.id)
+        log.warning("%s grace period over -> SIGKILL to the group", rec.id,
+                    extra={"agent": rec.agent, "instance": rec.id, "action": "kill", "reason": rec.stop_reason or ""})
         self.event(rec.agent, rec.id, "Killed", rec.stop_reason or "", "grace period over: SIGKILL")
         self.put(replace(rec, killed=True))
         await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
@@ -600,8 +614,10 @@ class Controller:
         rec = self.instances[action.instance]
         self.put(replace(rec, next_start=action.at, failures_in_row=action.attempt))
         if action.delay > 0:
-            code = rec.last_exit.exit_code if rec.last_exit else None
-            log.info("%s Exited(%s) -> BackOff %gs", rec.id, code, action.delay)
+            e = rec.last_exit  # opscli: a signal exit reads Signaled(SIGKILL), not Exited(None)
+            what = opsview.exit_word(e.exit_code, e.signal) if e else "Exited(unknown)"
+            log.info("%s %s -> BackOff %gs", rec.id, what, action.delay,
+                     extra={"agent": rec.agent, "instance": rec.id, "action": "backoff", "reason": "BackOff"})
             self.event(rec.agent, rec.id, "BackOff", rec.last_exit.reason if rec.last_exit else "",
                         f"restart {action.attempt} in a row, in {action.delay:g}s")
 
@@ -609,7 +625,8 @@ class Controller:
         rec = self.instances[action.instance]
         self.put(replace(rec, terminal=str(action.phase), terminal_reason=str(action.reason),
                           terminal_message=action.message))
-        log.info("%s Exited -> %s %s", rec.id, action.reason, action.message)
+        log.info("%s Exited -> %s %s", rec.id, action.reason, action.message,
+                 extra={"agent": rec.agent, "instance": rec.id, "action": "finish", "reason": str(action.reason)})
         self.event(rec.agent, rec.id, action.reason, action.reason, action.message or "no restart (restartPolicy)")
 
     def _forget(self, instance_id: str) -> None:
@@ -708,10 +725,11 @@ class Controller:
         if status.code is not None:
             self.last_exit_codes[rec.agent] = status.code
         elif status.signal is not None:
-            self.last_exit_codes[rec.agent] = 128 + status.signal  # as a shell reports it
-        what = f"Exited({status.code})" if status.code is not None else (
-            f"Signaled({signals.Signals(status.signal).name})" if status.signal else "Exited(unknown)")
-        log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, reason)
+            # opscli: one convention (docs/CONTRACT.md): a signal exit has no exit code; the gauge says -N
+            self.last_exit_codes[rec.agent] = -status.signal
+        what = opsview.exit_word(status.code, status.signal)  # opscli: Exited(3) | Signaled(SIGTERM) | Exited(unknown)
+        log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, reason,
+                 extra={"agent": rec.agent, "instance": instance_id, "action": "exit", "reason": reason})
         self.event(rec.agent, instance_id, "Exited", reason, f"{what} after {info.runtime_seconds:.1f}s")
         self.mark(rec.agent)
         self._request_sweep()
@@ -757,7 +775,8 @@ class Controller:
         elif reason == ExitReason.MANUAL_RESTART:
             rec = replace(rec, failures_in_row=0, restart_times=())
         self.put(replace(rec, health=str(reason), health_message=message))
-        log.warning("%s %s: %s", instance_id, reason, message)
+        log.warning("%s %s: %s", instance_id, reason, message,
+                    extra={"agent": rec.agent, "instance": instance_id, "action": "stop", "reason": str(reason)})
         self.event(rec.agent, instance_id, reason, reason, message)
         self.mark(rec.agent)
 
@@ -786,7 +805,7 @@ class Controller:
             StatusInput(
                 name=agent.name, source=agent.source, phase=phase, spec_hash=spec_hash,
                 instances=list(view.instances.values()), restarts=self.agent_restarts(agent.name, spec_hash),
-                valid=agent.valid, errors=agent.errors,
+                errors=agent.errors, **self._status_extras(agent),  # opscli: valid, invalid_reason, running_spec
                 labels=dict(desired.manifest.metadata.labels) if desired else {},
                 supervisor=desired.spec.supervisor if desired else "process",
                 source_revision=agent.source_revision,
@@ -797,6 +816,12 @@ class Controller:
             self.status.previous(agent.name),
         )
         self.status.write(agent.name, doc)
+
+    def _status_extras(self, agent: AgentState) -> dict[str, Any]:
+        """opscli: DuplicateName (a valid agent carrying another file's errors) and the running spec."""
+        return {"valid": agent.valid and not agent.errors,
+                "invalid_reason": "DuplicateName" if agent.valid and agent.errors else "InvalidManifest",
+                "running_spec": opsview.spec_summary(agent.desired) if agent.desired is not None else None}
 
     def _source_ready(self) -> tuple[bool, str] | None:
         if self.git is None:

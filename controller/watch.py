@@ -12,6 +12,7 @@ from pathlib import Path
 
 import watchfiles
 
+from controller import opsrequests
 from controller.loader import is_ignored
 from controller.reconciler import Controller
 
@@ -25,7 +26,7 @@ def _relevant(root: Path, requests: Path) -> watchfiles.BaseFilter:
         def __call__(self, change: watchfiles.Change, path: str) -> bool:
             p = Path(path)
             if p.parent == requests:
-                return p.suffix == ".restart"
+                return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES  # opscli: suspend/resume/reconcile
             try:
                 rel = p.relative_to(root)
             except ValueError:
@@ -44,6 +45,7 @@ def consume_requests(controller: Controller, requests: Path) -> None:
         else:
             log.warning("restart requested for unknown agent %s", name)
         path.unlink(missing_ok=True)
+    opsrequests.consume(controller, requests)  # opscli: suspend, resume, reconcile
 
 
 async def watch_files(controller: Controller, stop: asyncio.Event) -> None:
