@@ -19,7 +19,7 @@ def _kv(label: str, value: object) -> str:
 
 
 def _exit(e: dict[str, Any]) -> str:
-    how = opsview.exit_word(e.get("exitCode"), e.get("signal"))
+    how = opsview.exit_how(e.get("exitCode"), e.get("signal"))
     out = f"    Last exit:  {e.get('reason')} ({how}) at {e.get('at')} after {e.get('runtimeSeconds')}s\n"
     if e.get("message"):
         out += f"    Message:    {e['message']}\n"

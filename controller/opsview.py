@@ -81,6 +81,16 @@ def exit_word(code: int | None, signal: int | None) -> str:
     return "Exited(unknown)"
 
 
+def exit_how(code: int | None, signal: int | None) -> str:
+    """The same convention in words for people: `exit code 3`, `signal 15 (SIGTERM)`, `exit code unknown`."""
+    if code is not None:
+        return f"exit code {code}"
+    if signal:
+        word = exit_word(None, signal)
+        return f"signal {signal} ({word[len('Signaled('):-1]})"
+    return "exit code unknown"
+
+
 HEADER = ("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR", "REASON")
 WIDE_HEADER = ("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR", "PIDS", "LAST-EXIT", "LABELS", "REASON")
 
@@ -90,9 +100,8 @@ def _last_exit(doc: Mapping[str, Any]) -> str:
     if not exits:
         return "-"
     e = max(exits, key=lambda x: str(x.get("at") or ""))
-    how = f"code {e['exitCode']}" if e.get("exitCode") is not None else (
-        f"signal {e['signal']}" if e.get("signal") is not None else "unknown")
-    return f"{e.get('reason')}({how})"
+    word = exit_word(e.get("exitCode"), e.get("signal"))  # one column, no blanks: Error(3), Suspended(SIGTERM)
+    return f"{e.get('reason')}{word[word.index('('):]}"
 
 
 def row(doc: Mapping[str, Any], now: float, *, wide: bool = False, controller_up: bool = True) -> tuple[str, ...]:
