@@ -13,6 +13,7 @@ from pathlib import Path
 import watchfiles
 
 from controller import opsrequests
+from controller.gitsource import fetch_error
 from controller.loader import is_ignored
 from controller.reconciler import Controller
 
@@ -84,7 +85,7 @@ async def git_poller(controller: Controller, stop: asyncio.Event, interval: floa
         before = git.last_error
         result = await asyncio.to_thread(git.sync)
         if result.error and result.error != before:
-            log.error("git fetch of %s failed, keeping revision %s: %s", git.url, result.revision, result.error)
+            log.error("%s; keeping revision %s", fetch_error(git.url, result.error), result.revision)  # opscli
         if result.changed:
             controller.manifests_changed = True
         if result.changed or result.error != before:
