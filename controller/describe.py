@@ -5,7 +5,7 @@ Entry-layer helper; reads the status file, the store (read-only) and the instanc
 
 from __future__ import annotations
 
-import shlex
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ def _spec(doc: dict[str, Any]) -> str:
     out = "Spec (last valid; the manifest on disk is not applied):\n" if broken else "Spec:\n"
     if broken:
         out += _kv("  Error", f"{valid.get('reason')}: {valid.get('message')}")
-    out += _kv("  Argv", shlex.join(spec.get("argv") or []))
+    out += _kv("  Argv", json.dumps(spec.get("argv") or []))  # exact, one line (a -c script keeps its \\n)
     out += _kv("  Cwd", spec.get("cwd") or "<base dir>")
     out += _kv("  Supervisor", spec.get("supervisor"))
     out += _kv("  Replicas", spec.get("replicas"))

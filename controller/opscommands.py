@@ -318,6 +318,9 @@ def _raw_doc(path: Path, name: str) -> Any:
 def diff_lines(controller: Any, base: Path, only: str | None) -> list[str]:
     """Unified diffs, running spec (a/) vs manifest on disk (b/), for every agent that differs."""
     running = {n: a.desired for n, a in controller.agents.items()}
+    # the hash the instances were started with: envFiles are read again on load, so the
+    # restored spec alone cannot tell that their contents changed since
+    hashes = {n: {r.spec_hash for r in controller._instances_of(n).values()} for n in controller.agents}
     controller.sync_manifests()
     out: list[str] = []
     for name in sorted(controller.agents):
@@ -337,7 +340,8 @@ def diff_lines(controller: Any, base: Path, only: str | None) -> list[str]:
         where = agent.source or "-"
         lines = list(difflib.unified_diff(a, b, f"a/{name} (running {before.spec_hash[:19] if before else 'nothing'})",
                                           f"b/{where} (on disk)"))
-        if not lines and before is not None and agent.desired is not None and agent.desired.spec_hash != before.spec_hash:
+        ran = hashes.get(name) or ({before.spec_hash} if before else set())
+        if not lines and before is not None and agent.desired is not None and agent.desired.spec_hash not in ran:
             lines = [f"--- a/{name} (running {before.spec_hash[:19]})\n", f"+++ b/{where} (on disk)\n",
                      "# envFiles contents (or the provider presets) differ; values are not shown\n"]
         out.extend(lines)
