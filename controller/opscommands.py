@@ -148,7 +148,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     state_dir, _ = open_state(args)
     deadline = time.monotonic() + timeout
-    tty = sys.stderr.isatty()
+    tty = sys.stdout.isatty()  # a person watching: progress on stderr; piped output stays plain
     pending = list(dict.fromkeys(args.names))
     while True:
         docs = {n: status.read_status(state_dir / "status", n) for n in pending}
@@ -216,11 +216,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if not args.wait:
         print("reconcile requested")
         return 0
-    if sys.stderr.isatty():
-        sys.stderr.write("waiting for the pass to finish...")
+    tty = sys.stdout.isatty()
+    if tty:
+        sys.stderr.write("waiting for the controller's pass to finish...")
         sys.stderr.flush()
     ack = opsrequests.await_ack(state_dir, stem, timeout=opsview.parse_duration(args.timeout))
-    _clear_progress(sys.stderr.isatty())
+    _clear_progress(tty)
     if ack is None:
         raise CommandError(f"the reconcile pass did not finish within {args.timeout}")
     print(f"reconciled: pass {ack.get('pass')}, {ack.get('agents')} agents")

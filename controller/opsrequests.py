@@ -223,6 +223,8 @@ async def _reconcile_now(controller: Controller, stem: str) -> None:
 def after_publish(controller: Controller) -> None:
     """Publish hook: answer the reconcile requests whose pass is done (nothing dirty, nothing running)."""
     ops = controller.ops
+    if controller.ready and ops.suspended - set(controller.agents):
+        _forget_deleted(controller)
     if not ops._waiting or controller.tasks or controller.dirty or controller.manifests_changed:
         return
     waiting, ops._waiting = ops._waiting, ()
@@ -233,3 +235,13 @@ def after_publish(controller: Controller) -> None:
                          json.dumps({"pass": ops.passes, "agents": len(controller.agents), "at": time.time()}) + "\n")
         except OSError as exc:
             log.error("cannot acknowledge reconcile request %s: %s", stem, exc)
+
+
+def _forget_deleted(controller: Controller) -> None:
+    """An override dies with its agent: a manifest added again later starts as written."""
+    for name in sorted(controller.ops.suspended - set(controller.agents)):
+        try:
+            controller.ops.set_suspended(name, False)
+        except OSError as exc:
+            log.error("cannot drop the operator's suspend of the deleted agent %s: %s", name, exc)
+            return

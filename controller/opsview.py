@@ -82,12 +82,11 @@ def exit_word(code: int | None, signal: int | None) -> str:
 
 
 def exit_how(code: int | None, signal: int | None) -> str:
-    """The same convention in words for people: `exit code 3`, `signal 15 (SIGTERM)`, `exit code unknown`."""
+    """The same convention in words for people: `exit code 3`, `signal 15`, `exit code unknown`."""
     if code is not None:
         return f"exit code {code}"
     if signal:
-        word = exit_word(None, signal)
-        return f"signal {signal} ({word[len('Signaled('):-1]})"
+        return f"signal {signal}"
     return "exit code unknown"
 
 

@@ -86,6 +86,22 @@ def test_reason_names_a_crash_loop_and_a_broken_manifest_while_the_agent_keeps_r
     assert rows["steady"][1:3] == ["Running", "1/1"] and rows["steady"][-1] == "InvalidManifest"
 
 
+def test_reason_names_an_unavailable_supervisor_and_host_capacity(ctl: Controller) -> None:
+    ctl.apply("first", sleeper())
+    ctl.start("--max-agents", "1")
+    running(ctl, "first")
+    ctl.apply("second", sleeper())
+    ctl.apply("unit", sleeper(), supervisor="systemd")
+    ctl.wait_status("second", lambda d: d["phase"] == "Pending", DEADLINE, "second Pending")
+    unit = ctl.wait_status("unit", lambda d: d["phase"] == "Pending", DEADLINE, "unit Pending")
+    rows = table(ctl.cli("get").stdout)
+    assert rows["second"][-1] == "HostCapacity", rows
+    if unit["conditions"][1]["reason"] == "SupervisorUnavailable":  # no systemd user manager here
+        assert rows["unit"][-1] == "SupervisorUnavailable", rows
+    else:
+        assert rows["unit"][-1] == "HostCapacity", rows
+
+
 def test_without_a_controller_get_warns_and_counts_only_live_instances(ctl: Controller) -> None:
     ctl.apply("victim", sleeper())
     ctl.start()
@@ -363,7 +379,7 @@ def test_a_signal_exit_is_one_convention_in_status_metric_and_log(ctl: Controlle
     metrics = ctl.http("/metrics")[1].decode()
     assert 'agentctl_agent_last_exit_code{agent="signaled"} -15.0' in metrics
     assert "Signaled(SIGTERM)" in ctl.log() and "Exited(None)" not in ctl.log()
-    assert "signal 15 (SIGTERM)" in ctl.cli("describe", "signaled").stdout
+    assert "Signaled (signal 15)" in ctl.cli("describe", "signaled").stdout
 
 
 def test_plan_lists_the_stop_of_a_deleted_agent_whose_process_is_gone(ctl: Controller) -> None:

@@ -83,7 +83,7 @@ def test_bad_wait_condition_is_an_error(text: str) -> None:
 
 def test_one_exit_convention_in_words_and_in_logs() -> None:
     assert (exit_word(3, None), exit_how(3, None)) == ("Exited(3)", "exit code 3")
-    assert (exit_word(None, 15), exit_how(None, 15)) == ("Signaled(SIGTERM)", "signal 15 (SIGTERM)")
+    assert (exit_word(None, 15), exit_how(None, 15)) == ("Signaled(SIGTERM)", "signal 15")
     assert (exit_word(None, None), exit_how(None, None)) == ("Exited(unknown)", "exit code unknown")
 
 
