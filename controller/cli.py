@@ -425,10 +425,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
         if args.name and args.name not in controller.agents and not _declared(controller, args.name):
             raise opscommands.CommandError(f"agent {args.name!r} is neither running nor declared in {settings.manifests}")
         lines = opscommands.diff_lines(controller, Path.cwd(), args.name)
+        broken = [] if args.name else opscommands.unnamed_errors(controller)
     finally:
         if controller.store is not None:
             controller.store.close()
-    return opscommands.print_diff(lines)
+    return opscommands.print_diff(lines, broken)
 
 
 def _declared(controller: Any, name: str) -> bool:

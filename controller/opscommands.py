@@ -349,7 +349,15 @@ def diff_lines(controller: Any, base: Path, only: str | None) -> list[str]:
     return out
 
 
-def print_diff(lines: list[str]) -> int:
+def unnamed_errors(controller: Any) -> list[str]:
+    """Files so broken that no agent name can be read: the diff cannot show them, so it names them."""
+    result = controller.source.load()
+    return [str(e) for e in result.errors if not e.agent]
+
+
+def print_diff(lines: list[str], broken: list[str]) -> int:
     for line in lines:
         sys.stdout.write(line if line.endswith("\n") else line + "\n")
-    return 1 if lines else 0
+    for message in broken:
+        print(f"error: {message} (not comparable: no agent name can be read)", file=sys.stderr)
+    return 1 if lines or broken else 0
