@@ -228,11 +228,20 @@ def after_publish(controller: Controller) -> None:
     if not ops._waiting or controller.tasks or controller.dirty or controller.manifests_changed:
         return
     waiting, ops._waiting = ops._waiting, ()
-    for stem in waiting:
-        ops.passes += 1
+    ops.passes += 1
+    task = asyncio.get_running_loop().create_task(_ack(controller, waiting, ops.passes))
+    controller.background.add(task)
+    task.add_done_callback(controller.background.discard)
+
+
+async def _ack(controller: Controller, stems: tuple[str, ...], passes: int) -> None:
+    """Once the pass's status files are on disk (they are written by a thread), tell the CLI."""
+    if controller.status is not None:
+        await asyncio.to_thread(controller.status.flush)
+    body = json.dumps({"pass": passes, "agents": len(controller.agents), "at": time.time()}) + "\n"
+    for stem in stems:
         try:
-            atomic_write(controller.state_dir / "requests" / f"{stem}.done",
-                         json.dumps({"pass": ops.passes, "agents": len(controller.agents), "at": time.time()}) + "\n")
+            atomic_write(controller.state_dir / "requests" / f"{stem}.done", body)
         except OSError as exc:
             log.error("cannot acknowledge reconcile request %s: %s", stem, exc)
 

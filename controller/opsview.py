@@ -69,6 +69,14 @@ def age(iso_time: str | None, now: float) -> str:
     return f"{max(0, seconds)}s"
 
 
+def logfields(agent: str, instance: str | None, action: str, reason: object) -> dict[str, str]:
+    """`extra=` of the reconciler's action log lines: the fields `--log-format json` adds to `msg`."""
+    fields = {"agent": agent, "action": action, "reason": str(reason)}
+    if instance:
+        fields["instance"] = instance
+    return fields
+
+
 def exit_word(code: int | None, signal: int | None) -> str:
     """How logs name an exit (one convention everywhere): Exited(3), Signaled(SIGTERM), Exited(unknown)."""
     if code is not None:

@@ -264,7 +264,7 @@ class Controller:
             if name not in declared and agent.present:
                 agent.present = False
                 log.info("%s manifest removed -> stopping", name,
-                         extra={"agent": name, "action": "delete", "reason": "ManifestDeleted"})
+                         extra=opsview.logfields(name, None, "delete", "ManifestDeleted"))
                 self.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.mark(name)
         self.manifest_valid = self._validity(result)
@@ -325,7 +325,7 @@ class Controller:
         if agent.valid or agent.errors != messages or not agent.present:
             keeping = ", keeping the last valid spec" if agent.desired is not None else ""  # opscli: none if never valid
             log.warning("%s invalid manifest%s: %s", name, keeping, messages[0],
-                        extra={"agent": name, "action": "invalid", "reason": "InvalidManifest"})
+                        extra=opsview.logfields(name, None, "invalid", "InvalidManifest"))
             self.event(name, None, "InvalidManifest", "InvalidManifest", messages[0])
         agent.valid, agent.errors, agent.present = False, messages, True
         self.mark(name)
@@ -548,7 +548,7 @@ class Controller:
         except SupervisorError as exc:
             self.action_failures += 1
             log.error("%s start failed: %s", spec.id, exc,
-                      extra={"agent": agent.name, "instance": spec.id, "action": "start", "reason": "Error"})
+                      extra=opsview.logfields(agent.name, spec.id, "start", "Error"))
             self.event(agent.name, spec.id, "FailedStart", "Error", str(exc))
             failed = ExitInfo(127, None, now_wall, 0.0, ExitReason.ERROR, (), str(exc))
             self.put(replace(base, state=RunState.EXITED, last_exit=failed))
@@ -564,7 +564,7 @@ class Controller:
                 hook()
         verb = "Restarted" if prev is not None else "Started"
         log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb,
-                 extra={"agent": agent.name, "instance": spec.id, "action": verb.lower(), "reason": action.reason})
+                 extra=opsview.logfields(agent.name, spec.id, verb.lower(), action.reason))
         self.event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
 
     def _check_cwd(self, cwd: str) -> None:
@@ -590,7 +590,7 @@ class Controller:
         self.put(replace(rec, state=RunState.STOPPING, stop_reason=str(action.reason), stop_deadline=deadline))
         log.info("%s Running -> Stopping (%s, %s, grace %gs)", rec.id, action.reason,
                  signals.Signals(action.signal).name, action.grace,
-                 extra={"agent": rec.agent, "instance": rec.id, "action": "stop", "reason": str(action.reason)})
+                 extra=opsview.logfields(rec.agent, rec.id, "stop", str(action.reason)))
         self.event(rec.agent, rec.id, "Stopping", action.reason, f"signal {signals.Signals(action.signal).name}")
         await self.call(sup, sup.signal, rec.handle, action.signal)
         if action.grace <= 0:
@@ -602,7 +602,7 @@ class Controller:
         if rec.handle is None or sup is None:
             return
         log.warning("%s grace period over -> SIGKILL to the group", rec.id,
-                    extra={"agent": rec.agent, "instance": rec.id, "action": "kill", "reason": rec.stop_reason or ""})
+                    extra=opsview.logfields(rec.agent, rec.id, "kill", rec.stop_reason or ""))
         self.event(rec.agent, rec.id, "Killed", rec.stop_reason or "", "grace period over: SIGKILL")
         self.put(replace(rec, killed=True))
         await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
@@ -617,7 +617,7 @@ class Controller:
             e = rec.last_exit  # opscli: a signal exit reads Signaled(SIGKILL), not Exited(None)
             what = opsview.exit_word(e.exit_code, e.signal) if e else "Exited(unknown)"
             log.info("%s %s -> BackOff %gs", rec.id, what, action.delay,
-                     extra={"agent": rec.agent, "instance": rec.id, "action": "backoff", "reason": "BackOff"})
+                     extra=opsview.logfields(rec.agent, rec.id, "backoff", "BackOff"))
             self.event(rec.agent, rec.id, "BackOff", rec.last_exit.reason if rec.last_exit else "",
                         f"restart {action.attempt} in a row, in {action.delay:g}s")
 
@@ -626,7 +626,7 @@ class Controller:
         self.put(replace(rec, terminal=str(action.phase), terminal_reason=str(action.reason),
                           terminal_message=action.message))
         log.info("%s Exited -> %s %s", rec.id, action.reason, action.message,
-                 extra={"agent": rec.agent, "instance": rec.id, "action": "finish", "reason": str(action.reason)})
+                 extra=opsview.logfields(rec.agent, rec.id, "finish", str(action.reason)))
         self.event(rec.agent, rec.id, action.reason, action.reason, action.message or "no restart (restartPolicy)")
 
     def _forget(self, instance_id: str) -> None:
@@ -729,7 +729,7 @@ class Controller:
             self.last_exit_codes[rec.agent] = -status.signal
         what = opsview.exit_word(status.code, status.signal)  # opscli: Exited(3) | Signaled(SIGTERM) | Exited(unknown)
         log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, reason,
-                 extra={"agent": rec.agent, "instance": instance_id, "action": "exit", "reason": reason})
+                 extra=opsview.logfields(rec.agent, instance_id, "exit", reason))
         self.event(rec.agent, instance_id, "Exited", reason, f"{what} after {info.runtime_seconds:.1f}s")
         self.mark(rec.agent)
         self._request_sweep()
@@ -776,7 +776,7 @@ class Controller:
             rec = replace(rec, failures_in_row=0, restart_times=())
         self.put(replace(rec, health=str(reason), health_message=message))
         log.warning("%s %s: %s", instance_id, reason, message,
-                    extra={"agent": rec.agent, "instance": instance_id, "action": "stop", "reason": str(reason)})
+                    extra=opsview.logfields(rec.agent, instance_id, "stop", str(reason)))
         self.event(rec.agent, instance_id, reason, reason, message)
         self.mark(rec.agent)
 
