@@ -1,9 +1,6 @@
-"""`agentctl completion bash|zsh|fish`: shell completion scripts for commands, flags and agent names.
-
-Pure text generation, called by cli with the commands and flags read off its argparse parser.
-Agent names are listed by the script itself from `<state-dir>/status/*.yaml` at completion time
-(no Python start per TAB); it never runs agentctl.
-"""
+"""`agentctl completion bash|zsh|fish`: scripts completing commands, flags and agent names.
+Pure text, called by cli with the commands and flags read off its argparse parser. The
+scripts list agent names from `<state-dir>/status/*.yaml` themselves (no Python per TAB)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""Operator commands of CONTRACT §8: get (-l, -o wide, -w, REASON), wait, suspend/resume,
-reconcile, diff, logs of several instances, and the no-controller warning they share.
-
-Entry layer, called by cli.main. Reads the state dir; talks to a running controller only
-through request files (opsrequests). Never changes an agent itself.
-"""
+"""Operator commands of CONTRACT §8: get (-l, wide, -w, REASON), wait, suspend/resume, reconcile,
+diff, logs of several instances, and the no-controller warning they share.
+Entry layer, called by cli.main: reads the state dir and talks to a running controller only
+through request files (opsrequests); never changes an agent itself."""
 
 from __future__ import annotations
 

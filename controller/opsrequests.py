@@ -1,10 +1,7 @@
-"""Operator requests between the CLI and a running controller, through `<state-dir>/requests/`,
-and the operator's suspend override kept in `<state-dir>/overrides.json`.
-
-CLI side: is a controller running, write a request and wait for it to be taken. Controller side
-(called from watch.consume_requests and the publish hook): suspend/resume/reconcile requests.
-Never reconciles by itself: it marks agents dirty and lets the loop act.
-"""
+"""Operator requests through `<state-dir>/requests/` and the suspend override in `overrides.json`.
+CLI side (opscommands): is a controller running, send a request and wait for it to be taken.
+Controller side (watch.consume_requests, the publish hook): suspend, resume, reconcile.
+Never reconciles by itself: it marks agents dirty and lets the loop act."""
 
 from __future__ import annotations
 

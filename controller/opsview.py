@@ -1,9 +1,7 @@
-"""The operator's view of status documents: the REASON column, table rows, `wait` conditions,
-durations, and the summary of the spec an agent's instances run.
-
-Pure logic for `get`, `wait` and `describe` (CONTRACT §8), and for the reconciler's status
-hook (`spec_summary`). Takes `now` as a parameter; imports no os/time/subprocess.
-"""
+"""The operator's view of status documents: REASON, table rows, `wait` conditions, durations,
+and the summary of the spec an agent's instances run (CONTRACT §8).
+Pure: called by `get`/`wait`/`describe` and by the reconciler's status and log hooks;
+takes `now` as a parameter and imports no os/time/subprocess."""
 
 from __future__ import annotations
 
@@ -123,18 +121,13 @@ def row(doc: Mapping[str, Any], now: float, *, wide: bool = False, controller_up
     return (*base, pids, _last_exit(doc), labels, why)
 
 
-def table(rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns padded to the widest cell, three spaces apart, trailing blanks dropped."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-
-
 def widths_for(rows: list[tuple[str, ...]], minimum: tuple[int, ...] | None = None) -> tuple[int, ...]:
     widths = tuple(max(len(r[i]) for r in rows) for i in range(len(rows[0])))
     return widths if minimum is None else tuple(max(a, b) for a, b in zip(widths, minimum, strict=True))
 
 
 def format_row(r: tuple[str, ...], widths: tuple[int, ...]) -> str:
+    """Cells padded to their column, three spaces apart, trailing blanks dropped."""
     return "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
 
 

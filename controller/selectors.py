@@ -1,8 +1,5 @@
 """Label selectors with kubectl's equality syntax: `k=v`, `k==v`, `k!=v`, `k`, `!k`, comma = and.
-
-Pure logic for `agentctl get -l`; parses once, then matches label dicts. Imports no I/O and
-knows nothing of agents beyond a label mapping.
-"""
+Pure: `agentctl get -l` parses once, then matches label dicts; knows nothing of agents."""
 
 from __future__ import annotations
 
