@@ -34,6 +34,8 @@ def _spec(doc: dict[str, Any]) -> str:
     spec = doc.get("runningSpec")
     valid: dict[str, Any] = next((c for c in doc.get("conditions") or [] if c.get("type") == "Valid"), {})
     broken = valid.get("status") == "False"
+    if spec is None and doc.get("phase") != "Invalid":
+        return "Spec:           <not recorded: this status was written by an older controller>\n"
     if spec is None:
         out = "Spec:           <none: the manifest has never been valid>\n"
         return out + (_kv("  Error", valid.get("message")) if broken else "")
