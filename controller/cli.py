@@ -16,15 +16,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from controller import __version__, logfiles, status
+from controller import __version__, opscommands, status
 from controller.loader import ManifestSource
 from controller.manifests import NAME_RE, json_schema
 from controller.providers import merge_presets
+from controller.selectors import SelectorError
 from controller.settings import (
     GIT_MAX_BYTES,
     ConfigFile,
@@ -74,12 +75,51 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lease-ttl", type=int, help="seconds, 2..60 (default 10)")
 
 
+EXAMPLES = {
+    "run": "agentctl run --manifests ./manifests --state-dir ./.agentctl\n  agentctl run --git-url https://host/repo.git --git-path agents",
+    "validate": "agentctl validate manifests/\n  agentctl validate --base-dir examples examples/agents/",
+    "plan": "agentctl plan --manifests ./manifests",
+    "get": "agentctl get\n  agentctl get -l team=infra,tier!=gpu -o wide\n  agentctl get reviewer -o yaml\n  agentctl get -w",
+    "describe": "agentctl describe reviewer",
+    "logs": "agentctl logs reviewer --tail 50\n  agentctl logs ticker --instance 1 -f\n  agentctl logs ticker --instance ticker-1",
+    "restart": "agentctl restart reviewer",
+    "schema": "agentctl schema > agent.schema.json",
+    "attach": "agentctl attach pair --instance 0   (detach with C-b d)",
+    "capture": "agentctl capture pair",
+    "wait": "agentctl wait reviewer --for=phase=Running --timeout=90s\n  agentctl wait a b --for=condition=Ready\n"
+            "  agentctl wait old --for=delete --timeout=5m",
+    "suspend": "agentctl suspend reviewer   (lift it with: agentctl resume reviewer)",
+    "resume": "agentctl resume reviewer",
+    "reconcile": "agentctl reconcile --wait",
+    "diff": "agentctl diff\n  agentctl diff reviewer --manifests ./manifests",
+    "completion": "source <(agentctl completion bash)\n  agentctl completion fish | source",
+}
+
+
+def _sub(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with examples."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text,
+                                                epilog=f"example:\n  {EXAMPLES[name]}",
+                                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p
+
+
+def _tail(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of lines") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: must be 0 or more lines")
+    return n
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="agentctl", description="Declarative controller for long-running agents.")
     top.add_argument("--version", action="version", version=f"agentctl {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the controller in the foreground")
+    run = _sub(sub, "run", "run the controller in the foreground")
     _common(run)
     _source_flags(run)
     run.add_argument("--metrics-addr", help="HOST:PORT of the read-only HTTP listener (default 127.0.0.1:9478)")
@@ -93,50 +133,49 @@ def parser() -> argparse.ArgumentParser:
                      help="Host header names the HTTP listener also answers (e.g. a reverse proxy's)")
     _fleet_flags(run)
 
-    val = sub.add_parser("validate", help="validate manifests without touching anything")
+    val = _sub(sub, "validate", "validate manifests without touching anything")
     val.add_argument("paths", nargs="*")
     val.add_argument("--base-dir")
     val.add_argument("--config")
     _common(val)
 
-    plan = sub.add_parser("plan", help="print the actions the next reconcile would take")
+    plan = _sub(sub, "plan", "print the actions the next reconcile would take")
     _common(plan)
     _source_flags(plan)
 
-    get = sub.add_parser("get", help="list agents")
+    get = _sub(sub, "get", "list agents (REASON: the one thing to know, empty when all is well)")
     get.add_argument("name", nargs="?")
+    get.add_argument("-l", "--selector", help="label selector: k=v, k!=v, k, !k; comma = and")
     get.add_argument("-o", "--output", choices=["table", "wide", "json", "yaml"], default="table")
+    get.add_argument("-w", "--watch", action="store_true", help="after the table, one row per change until Ctrl-C")
     _common(get)
 
-    desc = sub.add_parser("describe", help="show one agent in detail")
+    desc = _sub(sub, "describe", "show one agent in detail: the spec its instances run, status, events")
     desc.add_argument("name")
     _common(desc)
 
-    logs = sub.add_parser("logs", help="print an agent's output")
+    logs = _sub(sub, "logs", "print an agent's output (every instance, each line prefixed [NAME-i])")
     logs.add_argument("name")
-    logs.add_argument("--instance", type=int, default=0)
-    logs.add_argument("--tail", type=int, default=None)
+    logs.add_argument("--instance", default=None, help="N or NAME-N (default: all instances)")
+    logs.add_argument("--tail", type=_tail, default=None, help="last N lines of each instance")
     logs.add_argument("-f", "--follow", action="store_true")
-    logs.add_argument("--raw", action="store_true")
+    logs.add_argument("--raw", action="store_true", help="keep terminal escape codes")
     _common(logs)
 
-    restart = sub.add_parser("restart", help="ask the running controller to restart an agent")
+    restart = _sub(sub, "restart", "ask the running controller to restart an agent")
     restart.add_argument("name")
     _common(restart)
 
-    schema = sub.add_parser("schema", help="print the manifest JSON Schema")
-    _common(schema)  # every command takes --state-dir (CONTRACT §2); schema reads nothing of it
+    _common(_sub(sub, "schema", "print the manifest JSON Schema"))
 
-    attach = sub.add_parser("attach", help="attach the terminal to a tmux instance")
+    attach = _sub(sub, "attach", "attach the terminal to a tmux instance")
     attach.add_argument("name")
     attach.add_argument("--instance", type=int, default=0)
     _common(attach)
 
-    capture = sub.add_parser("capture", help="print the screen of a tmux instance")
+    capture = _sub(sub, "capture", "print the screen of a tmux instance")
     capture.add_argument("name")
     capture.add_argument("--instance", type=int, default=0)
-    capture.add_argument("--raw", action="store_true")
-    _common(capture)
 
     # http: the status page's address with a fresh access token
     dash = sub.add_parser("dashboard", help="print (and on a desktop open) the status page with an access token")
@@ -149,6 +188,35 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--config", help="controller config file (YAML): its coordination block")
         _fleet_flags(cmd)
         _common(cmd)
+    capture.add_argument("--raw", action="store_true")
+    _common(capture)
+
+    wait = _sub(sub, "wait", "wait until every NAME meets a condition (kubectl wait)")
+    wait.add_argument("names", nargs="+", metavar="NAME")
+    wait.add_argument("--for", dest="for_", required=True, metavar="CONDITION",
+                      help="phase=PHASE | condition=TYPE[=STATUS] | delete")
+    wait.add_argument("--timeout", default="30s", help="90s, 5m, 1h (default 30s)")
+    _common(wait)
+
+    for verb, text in (("suspend", "stop an agent's instances and keep them stopped (kept in the state dir)"),
+                       ("resume", "lift `agentctl suspend`")):
+        p = _sub(sub, verb, text)
+        p.add_argument("name")
+        _common(p)
+
+    rec = _sub(sub, "reconcile", "wake the controller now: a Git fetch and a full pass")
+    rec.add_argument("--wait", action="store_true", help="return once that pass is over")
+    rec.add_argument("--timeout", default="60s", help="with --wait (default 60s)")
+    _common(rec)
+
+    diff = _sub(sub, "diff", "unified diff: the spec the instances run vs the manifest on disk")
+    diff.add_argument("name", nargs="?")
+    _common(diff)
+    _source_flags(diff)
+
+    comp = _sub(sub, "completion", "print a shell completion script")
+    comp.add_argument("shell", choices=["bash", "zsh", "fish"])
+    _common(comp)
     return top
 
 
@@ -283,6 +351,9 @@ def state_dir_of(args: argparse.Namespace) -> Path:
 
 
 # -- logging ------------------------------------------------------------------
+LOG_FIELDS = ("agent", "instance", "action", "reason")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return json.dumps({
@@ -290,6 +361,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            # fields a log pipeline can filter on, given by the call sites with extra=
+            **{k: getattr(record, k) for k in LOG_FIELDS if getattr(record, k, None) not in (None, "")},
         })
 
 
@@ -433,138 +506,62 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- get / describe / logs ----------------------------------------------------
-def _statuses(state_dir: Path) -> list[dict[str, Any]]:
-    return status.read_all(state_dir / "status")
+# -- describe / diff / completion (get, logs, wait, suspend... live in opscommands) -----
+def cmd_describe(args: argparse.Namespace) -> int:
+    from controller.describe import describe
+
+    state_dir, _ = opscommands.open_state(args)
+    doc = opscommands.require_known(state_dir, args.name)
+    print(describe(doc, state_dir), end="")
+    return 0
 
 
-def _age(iso_time: str | None) -> str:
-    if not iso_time:
-        return "-"
-    from datetime import datetime
+def cmd_diff(args: argparse.Namespace) -> int:
+    from controller.reconciler import Controller
 
-    seconds = int(time.time() - datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(0, seconds)}s"
+    settings = build_settings(args)
+    if settings.git is not None:
+        raise UsageError("diff compares with a manifests directory; for a Git source use `agentctl plan`")
+    if not settings.manifests.is_dir():
+        raise UsageError(f"--manifests {settings.manifests}: not a directory")
+    logging.getLogger("agentctl").setLevel(logging.ERROR)  # the load's warnings are what the diff shows
+    controller = Controller(settings)
+    controller.open_readonly()
+    try:
+        if args.name and args.name not in controller.agents and not _declared(controller, args.name):
+            raise opscommands.CommandError(f"agent {args.name!r} is neither running nor declared in {settings.manifests}")
+        lines = opscommands.diff_lines(controller, Path.cwd(), args.name)
+        broken = [] if args.name else opscommands.unnamed_errors(controller)
+    finally:
+        if controller.store is not None:
+            controller.store.close()
+    return opscommands.print_diff(lines, broken)
+
+
+def _declared(controller: Any, name: str) -> bool:
+    result = controller.source.load()
+    return name in result.manifests or any(name in names for names in result.names_by_file.values())
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from controller.completion import script
+
+    commands: dict[str, list[str]] = {}
+    names: list[str] = []
+    for action in parser()._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for cmd, sub in action.choices.items():
+            commands[cmd] = sorted({o for a in sub._actions for o in a.option_strings if o != "-h"} | {"--help"})
+            if any(a.dest == "name" or a.dest == "names" for a in sub._actions) and cmd != "completion":
+                names.append(cmd)
+    print(script(args.shell, commands, names), end="")
+    return 0
 
 
 def _unknown(name: str) -> int:
     print(f"error: agent {name!r} not found", file=sys.stderr)
     return 1
-
-
-def cmd_get(args: argparse.Namespace) -> int:
-    docs = _statuses(state_dir_of(args))
-    if args.name:
-        docs = [d for d in docs if d.get("name") == args.name]
-        if not docs:
-            return _unknown(args.name)
-    if args.output == "json":
-        print(json.dumps(docs[0] if args.name else {"items": docs}, indent=2))
-        return 0
-    if args.output == "yaml":
-        print(yaml.safe_dump(docs[0] if args.name else {"items": docs}, sort_keys=False), end="")
-        return 0
-    rows: list[tuple[str, ...]] = [("NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR")]
-    wide = args.output == "wide"
-    if wide:
-        rows = [(*rows[0], "HOST")]  # fleet: where the instances run (CONTRACT §10)
-    for d in docs:
-        rep = d.get("replicas") or {}
-        row: tuple[str, ...] = (d["name"], d.get("phase", "?"), f"{rep.get('ready', 0)}/{rep.get('desired', 0)}",
-               str(d.get("restarts", 0)), _age(d.get("createdAt")), d.get("supervisor", "process"))
-        if wide:
-            hosts = sorted({str(i["host"]) for i in d.get("instances") or [] if i.get("host")})
-            row = (*row, ",".join(hosts) or "-")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
-
-
-def cmd_describe(args: argparse.Namespace) -> int:
-    from controller.describe import describe
-
-    state_dir = state_dir_of(args)
-    doc = status.read_status(state_dir / "status", args.name)
-    if doc is None:
-        return _unknown(args.name)
-    print(describe(doc, state_dir), end="")
-    return 0
-
-
-def _log_path(state_dir: Path, name: str, instance: int) -> Path:
-    return state_dir / "logs" / f"{name}-{instance}.log"
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    state_dir = state_dir_of(args)
-    path = _log_path(state_dir, args.name, args.instance)
-    known = status.read_status(state_dir / "status", args.name) is not None
-    if not known and not path.exists():
-        return _unknown(args.name)
-    if not args.raw and _terminal_log(state_dir, args.name, path):  # activity: tmux logs read as the screen did
-        return _terminal_logs(path, args.tail, args.follow)
-    if args.tail is not None:
-        lines = logfiles.tail_lines(path, args.tail, raw=args.raw)
-        if lines:
-            sys.stdout.write("\n".join(lines) + "\n")
-        offset = path.stat().st_size if path.exists() else 0
-    else:
-        offset = _copy(path, 0, args.raw)
-    sys.stdout.flush()
-    if args.follow:
-        _follow(path, offset, args.raw)
-    return 0
-
-
-def _copy(path: Path, offset: int, raw: bool) -> int:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            while chunk := fh.read(1 << 16):
-                text = chunk.decode("utf-8", errors="replace")
-                sys.stdout.write(text if raw else logfiles.strip_escapes(text))
-                offset += len(chunk)
-    except FileNotFoundError:
-        return 0
-    return offset
-
-
-def _follow(path: Path, offset: int, raw: bool) -> NoReturn:
-    while True:
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = 0
-        if size < offset:  # rotated (copy-truncate): start over at the top
-            offset = 0
-        if size > offset:
-            offset = _copy(path, offset, raw)
-            sys.stdout.flush()
-        time.sleep(0.2)
-
-
-def _terminal_log(state_dir: Path, name: str, path: Path) -> bool:
-    from controller.screens import is_terminal_log  # activity: CONTRACT §9 logs
-
-    return is_terminal_log(status.read_status(state_dir / "status", name), path)
-
-
-def _terminal_logs(path: Path, tail: int | None, follow: bool) -> int:
-    """A tmux instance's output replayed through a terminal emulator (activity: CONTRACT §9)."""
-    from controller import screens
-
-    lines, renderer, offset = screens.rendered_lines(path, tail)
-    sys.stdout.write("".join(line + "\n" for line in lines))
-    sys.stdout.flush()
-    if follow:
-        follower = screens.Follower(renderer, renderer.screen_rows(), sys.stdout.write)
-        screens.follow(path, offset, follower, sys.stdout.flush)
-    return 0
 
 
 # -- restart / attach / capture -----------------------------------------------
@@ -646,8 +643,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "get": cmd_get, "describe": cmd_describe,
-    "logs": cmd_logs, "restart": cmd_restart, "schema": cmd_schema, "attach": cmd_attach, "capture": cmd_capture,
+    "run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "get": opscommands.cmd_get, "describe": cmd_describe,
+    "logs": opscommands.cmd_logs, "restart": cmd_restart, "schema": cmd_schema, "attach": cmd_attach,
+    "capture": cmd_capture, "wait": opscommands.cmd_wait, "suspend": opscommands.cmd_suspend,
+    "resume": opscommands.cmd_resume, "reconcile": opscommands.cmd_reconcile, "diff": cmd_diff,
+    "completion": cmd_completion,
     "dashboard": cmd_dashboard,  # http: the status page's address
     "drain": cmd_drain, "uncordon": cmd_drain,
 }
@@ -655,11 +655,11 @@ COMMANDS = {
 
 def _bad_name(args: argparse.Namespace) -> bool:
     """A NAME is joined into state-dir paths: what cannot be an agent's name is unknown (exit 1)."""
-    name = getattr(args, "name", None)
-    if name is not None and not re.match(NAME_RE, name):
-        print(f"error: agent {name!r} not found: not an agent name (lowercase letters, digits and '-')",
-              file=sys.stderr)
-        return True
+    for name in [getattr(args, "name", None), *(getattr(args, "names", None) or [])]:
+        if name is not None and not re.match(NAME_RE, name):
+            print(f"error: agent {name!r} not found: not an agent name (lowercase letters, digits and '-')",
+                  file=sys.stderr)
+            return True
     return False
 
 
@@ -671,8 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         if _bad_name(args):
             return 1
         return COMMANDS[args.command](args)
-    except UsageError as exc:
+    except (UsageError, opscommands.UsageError, SelectorError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except opscommands.CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -5,10 +5,12 @@ Entry-layer helper; reads the status file, the store (read-only) and the instanc
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from controller import opsview
 from controller.store import open_readonly
 
 
@@ -17,8 +19,7 @@ def _kv(label: str, value: object) -> str:
 
 
 def _exit(e: dict[str, Any]) -> str:
-    how = f"exit code {e['exitCode']}" if e.get("exitCode") is not None else (
-        f"signal {e['signal']}" if e.get("signal") else "exit code unknown")
+    how = opsview.exit_how(e.get("exitCode"), e.get("signal"))
     out = f"    Last exit:  {e.get('reason')} ({how}) at {e.get('at')} after {e.get('runtimeSeconds')}s\n"
     if e.get("message"):
         out += f"    Message:    {e['message']}\n"
@@ -28,8 +29,42 @@ def _exit(e: dict[str, Any]) -> str:
     return out
 
 
+def _spec(doc: dict[str, Any]) -> str:
+    """The spec the instances run; while the manifest on disk is invalid, that is the last valid one."""
+    spec = doc.get("runningSpec")
+    valid: dict[str, Any] = next((c for c in doc.get("conditions") or [] if c.get("type") == "Valid"), {})
+    broken = valid.get("status") == "False"
+    if spec is None and doc.get("phase") != "Invalid":
+        return "Spec:           <not recorded: this status was written by an older controller>\n"
+    if spec is None:
+        out = "Spec:           <none: the manifest has never been valid>\n"
+        return out + (_kv("  Error", valid.get("message")) if broken else "")
+    out = "Spec (last valid; the manifest on disk is not applied):\n" if broken else "Spec:\n"
+    if broken:
+        out += _kv("  Error", f"{valid.get('reason')}: {valid.get('message')}")
+    out += _kv("  Argv", json.dumps(spec.get("argv") or []))  # exact, one line (a -c script keeps its \\n)
+    out += _kv("  Cwd", spec.get("cwd") or "<base dir>")
+    out += _kv("  Supervisor", spec.get("supervisor"))
+    out += _kv("  Replicas", spec.get("replicas"))
+    out += _kv("  Restart", spec.get("restartPolicy"))
+    for label, key in (("Backoff", "backoff"), ("MaxRestarts", "maxRestarts"), ("Liveness", "liveness"),
+                       ("Resources", "resources")):
+        out += _kv(f"  {label}", _inline(spec.get(key)))
+    out += _kv("  Env keys", ", ".join(spec.get("envKeys") or []) or "<none>")
+    return out
+
+
+def _inline(value: object) -> str:
+    if value is None or value == {}:
+        return "<none>"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_inline(v)}" for k, v in value.items())
+    return str(value)
+
+
 def describe(doc: dict[str, Any], state_dir: Path) -> str:
     out = _kv("Name", doc.get("name"))
+    out += _spec(doc)
     out += _kv("Source", doc.get("source"))
     if doc.get("sourceRevision"):
         out += _kv("Revision", doc["sourceRevision"])

@@ -28,6 +28,14 @@ class GitError(Exception):
     pass
 
 
+def fetch_error(url: str, error: str) -> str:
+    """One sentence that names the URL and says "git fetch" once (opscli: was said twice)."""
+    for prefix in ("git fetch failed: ", "git clone failed: ", "git ls-remote failed: "):
+        if error.startswith(prefix):
+            return f"{prefix.split(' failed')[0]} of {url} failed: {error[len(prefix):]}"
+    return f"git fetch of {url} failed: {error}"
+
+
 @dataclass(frozen=True)
 class SyncResult:
     revision: str | None  # the revision `current` points at after this sync

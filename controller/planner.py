@@ -50,6 +50,7 @@ class AgentView:
     # the manifest is declared but no valid spec of it is known (invalid since before a lost
     # store write): what runs is left alone, never stopped for want of a spec
     hold: bool = False
+    operator_suspended: bool = False  # opscli: `agentctl suspend`, an override kept in the state dir
 
 
 @dataclass
@@ -80,12 +81,13 @@ def plan_agent(view: AgentView, now: float, *, capacity: int = 1 << 30) -> Plan:
             _retire(b, rec, view.gone_reason, view.last_signal, view.last_grace)
         return b.plan()
     spec = desired.spec
-    wanted = {} if spec.suspend else {i.id: i for i in desired.instances}
+    suspend = spec.suspend or view.operator_suspended  # opscli: the operator's override stops it like spec.suspend
+    wanted = {} if suspend else {i.id: i for i in desired.instances}
     signal, grace = desired.stop_signal, spec.stop.grace_period_seconds
     for rec in sorted(view.instances.values(), key=lambda r: -r.index):
         if rec.id not in wanted:
-            reason = ExitReason.SUSPENDED if spec.suspend else ExitReason.SCALED_DOWN
-            if not spec.suspend and rec.index < spec.replicas:
+            reason = ExitReason.SUSPENDED if suspend else ExitReason.SCALED_DOWN
+            if not suspend and rec.index < spec.replicas:
                 reason = ExitReason.NOT_PLACED  # fleet: still wanted, but assigned to another host
             _retire(b, rec, reason, signal, grace)
     for inst in wanted.values():
@@ -247,11 +249,13 @@ def agent_phase(view: AgentView, *, ever_valid: bool = True, pending_reason: str
             return PhaseView(Phase.INVALID, 0, 0, "InvalidManifest")
         return PhaseView(Phase.STOPPING if live else Phase.STOPPED, 0, 0, view.gone_reason)
     spec = desired.spec
-    want = 0 if spec.suspend else spec.replicas
+    suspend = spec.suspend or view.operator_suspended  # opscli
+    want = 0 if suspend else spec.replicas
     slots = [_slot_kind(view.instances.get(i.id), i.spec_hash) for i in desired.instances[:want]]
     ready = slots.count("ready")
-    if spec.suspend:
-        return PhaseView(Phase.STOPPING if live else Phase.SUSPENDED, 0, 0, "Suspended")
+    if suspend:
+        why = "SuspendedByOperator" if view.operator_suspended else "Suspended"  # opscli
+        return PhaseView(Phase.STOPPING if live else Phase.SUSPENDED, 0, 0, why)
     if want == 0:
         return PhaseView(Phase.STOPPING if live else Phase.STOPPED, 0, 0, "ScaledToZero")
     if "failed" in slots:

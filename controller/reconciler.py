@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controller import records
+from controller import opsrequests, records
 from controller.activity import Observation
 from controller.clock import SystemClock, TimeSource
 from controller.desired import DesiredAgent
@@ -73,6 +73,8 @@ class Controller:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.observe: Callable[[str, float], None] = lambda result, seconds: None  # metrics hook
         self.on_start: list[Callable[[], None]] = []
+        # operator overrides (`agentctl suspend`) and reconcile requests; acks go out after a publish
+        self.ops = opsrequests.OpsState(settings.state_dir)
         self.ready = False
         self.manifests_changed = True
         self.controller_id = ""
@@ -97,6 +99,7 @@ class Controller:
         store.set_meta("controller_id", self.controller_id)
         self._wire(store)
         self.publisher = Publisher(self.table, self._status or StatusWriter(self.settings.status_dir), self.clock)
+        self.publisher.hooks.append(lambda: opsrequests.after_publish(self))
         self._load(store, boot=self.host.boot_id())
         self.table.commit()  # a lock taken since the open is retried by the loop, not a crash
 
@@ -214,6 +217,13 @@ class Controller:
     def on_publish(self) -> list[Callable[[], None]]:
         return self.publisher.hooks
 
+    @property
+    def background(self) -> set[asyncio.Task[None]]:
+        return self.exits.background
+
+    def event(self, agent: str, instance: str | None, kind: str, reason: str, message: str) -> None:
+        self.table.event(agent, instance, kind, reason, message)
+
     def log_path(self, instance_id: str) -> Path:
         return self.exits.log_path(instance_id)
 
@@ -257,6 +267,7 @@ class Controller:
         return AgentView(
             agent.name, target, self.table.of(agent.name), gone_reason=agent.gone_reason, unavailable=unavailable,
             hold=last is None and agent.present and agent.placed and not agent.halted,
+            operator_suspended=self.ops.is_suspended(agent.name),  # `agentctl suspend`
             last_signal=last.stop_signal if last else signals.SIGTERM,
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
         )

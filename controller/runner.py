@@ -20,6 +20,7 @@ from typing import Any
 from controller import status
 from controller.http import WebOptions, serve
 from controller.metrics import Metrics
+from controller.gitsource import fetch_error
 from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
 from controller.planner import plan_agent
 from controller.reconciler import Controller
@@ -105,7 +106,7 @@ async def _main(controller: Controller, settings: Settings, fleet: Any = None) -
     if controller.git is not None:
         result = await asyncio.to_thread(controller.git.sync)  # the first revision, before the first pass
         if result.error:
-            log.error("git fetch of %s failed: %s", controller.git.url, result.error)
+            log.error("%s", fetch_error(controller.git.url, result.error))  # opscli: says "git fetch" once
     background = [] if settings.once else [watch_files(controller, stop), resync_ticker(controller, stop, settings.resync),
                                            health_loop(controller, stop)]
     if controller.git is not None and not settings.once:
@@ -157,7 +158,7 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
                                        max_bytes=g.max_bytes)  # intake: --git-max-bytes
             result = controller.git.sync()
             if result.error:
-                raise GitError(f"git fetch of {g.url} failed: {result.error}")
+                raise GitError(fetch_error(g.url, result.error))  # opscli: says "git fetch" once
             controller.sync_manifests()
     else:
         controller.sync_manifests()
@@ -181,11 +182,16 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
                 adopted.append(rec.id)
         plan = plan_agent(view, now, capacity=controller._capacity())
         own = [_line(a, running) for a in plan.actions]
+        # opscli: forgetting an exited instance of a deleted (or scaled-down) agent is still its stop
+        gone = agent.gone_reason if agent.target is None else "ScaledDown"
+        own = [f"stop {a.instance} {gone}" if isinstance(a, Forget) else line for a, line in zip(plan.actions, own)]
         for iid in adopted:
             lines.append(f"adopt {iid} ControllerRestart")
         lines.extend(line for line in own if line and not (line.startswith("noop") and line.split()[1] in adopted))
         if not plan.actions and not adopted:
-            lines.append(f"noop {name} {'ScaledToZero' if agent.target else 'Gone'}")
+            # opscli: a deleted agent with no process left still has its status removed: a stop
+            lines.append(f"stop {name} {agent.gone_reason}" if not agent.present else
+                         f"noop {name} {'ScaledToZero' if agent.target else 'Gone'}")
     if controller.store is not None:
         controller.store.close()
     return lines

@@ -107,6 +107,8 @@ class StatusInput:
     source_reason: str | None = None  # why it is not ready; default: a Git fetch failed
     created_at: float | None = None
     activity: Mapping[str, Observation] = field(default_factory=dict)  # activity: instance id -> observation
+    invalid_reason: str = "InvalidManifest"  # opscli: or DuplicateName (another file declares the name)
+    running_spec: dict[str, Any] | None = None  # opscli: opsview.spec_summary of the spec the instances run
 
 
 def _condition(kind: str, ok: bool, reason: str, message: str, now: str,
@@ -122,7 +124,7 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     prev_conditions = {c["type"]: c for c in (previous or {}).get("conditions", [])}
     pv = inp.phase
     conditions = [
-        _condition("Valid", inp.valid, "Parsed" if inp.valid else "InvalidManifest",
+        _condition("Valid", inp.valid, "Parsed" if inp.valid else inp.invalid_reason,
                    "; ".join(inp.errors), now, prev_conditions),
         _condition("Ready", pv.ready >= pv.desired and pv.desired > 0 and pv.phase == "Running",
                    pv.reason, pv.message, now, prev_conditions),
@@ -148,6 +150,8 @@ def render(inp: StatusInput, clock: Clock, previous: dict[str, Any] | None) -> d
     }
     if inp.source_revision is not None:
         doc["sourceRevision"] = inp.source_revision
+    if inp.running_spec is not None:
+        doc["runningSpec"] = inp.running_spec  # opscli: what `describe` opens with
     return doc
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import watchfiles
 
-from controller.gitsource import SyncResult
+from controller import opsrequests
+from controller.gitsource import SyncResult, fetch_error
 from controller.loader import is_ignored
 from controller.reconciler import Controller
 
@@ -43,7 +44,9 @@ def _entries(given: Path, requests: Path) -> watchfiles.BaseFilter:
     class Filter(watchfiles.BaseFilter):
         def __call__(self, change: watchfiles.Change, path: str) -> bool:
             p = Path(path)
-            return p == given or (p.parent == requests and p.suffix == ".restart")
+            if p.parent == requests:  # restart, and suspend/resume/reconcile (opscli)
+                return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES
+            return p == given
 
     return Filter()
 
@@ -72,6 +75,7 @@ def consume_requests(controller: Controller, requests: Path) -> None:
         else:
             log.warning("restart requested for unknown agent %s", name)
         path.unlink(missing_ok=True)
+    opsrequests.consume(controller, requests)  # opscli: suspend, resume, reconcile
 
 
 def _manifests_changed(controller: Controller) -> None:
@@ -170,7 +174,7 @@ async def git_poller(controller: Controller, stop: asyncio.Event, interval: floa
             git.last_error = f"git sync failed: {exc!r}"
             result = SyncResult(git.revision, False, git.last_error)
         if result.error and result.error != before:
-            log.error("git fetch of %s failed, keeping revision %s: %s", git.url, result.revision, result.error)
+            log.error("%s; keeping revision %s", fetch_error(git.url, result.error), result.revision)  # opscli
         if result.changed:
             controller.manifests_changed = True
         if result.changed or result.error != before:

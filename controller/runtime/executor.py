@@ -11,7 +11,7 @@ import os
 import signal as signals
 from collections.abc import Awaitable, Callable
 
-from controller import logfiles, records
+from controller import logfiles, opsview, records
 from controller.clock import TimeSource
 from controller.model import Action, ExitReason, Finish, Forget, InstanceRecord, Kill, Schedule, Start, Stop
 from controller.runtime.calls import Caller
@@ -84,13 +84,15 @@ class Executor:
         for hook in self.on_start:
             hook(agent)
         verb = "Restarted" if prev is not None else "Started"
-        log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb)
+        log.info("%s %s -> Running pid %d (%s)", spec.id, action.reason, handle.pid, verb,
+                 extra=opsview.logfields(agent.name, spec.id, verb.lower(), action.reason))
         self.table.event(agent.name, spec.id, verb, action.reason, f"pid {handle.pid}")
 
     def _start_failed(self, agent: AgentState, base: InstanceRecord, exc: SupervisorError) -> None:
         self.failures += 1
         final = "" if exc.retryable else " (will not retry until the spec changes or a person restarts it)"
-        log.error("%s start failed: %s%s", base.id, exc, final)
+        log.error("%s start failed: %s%s", base.id, exc, final,
+                  extra=opsview.logfields(agent.name, base.id, "start", "Error"))
         self.table.event(agent.name, base.id, "FailedStart", "Error", str(exc))
         self.table.put(records.start_failed(base, str(exc), wall=self.clock.wall(), retryable=exc.retryable))
         self.starting.discard(base.id)
@@ -114,7 +116,8 @@ class Executor:
             return
         self.table.put(records.stopping(rec, action.reason, self.clock.monotonic() + action.grace))
         log.info("%s Running -> Stopping (%s, %s, grace %gs)", rec.id, action.reason,
-                 signals.Signals(action.signal).name, action.grace)
+                 signals.Signals(action.signal).name, action.grace,
+                 extra=opsview.logfields(rec.agent, rec.id, "stop", str(action.reason)))
         self.table.event(rec.agent, rec.id, "Stopping", action.reason, f"signal {signals.Signals(action.signal).name}")
         await self.call(sup, sup.signal, rec.handle, action.signal)
         if action.grace <= 0:
@@ -125,7 +128,8 @@ class Executor:
         sup = self.supervisors.get(rec.supervisor)
         if rec.handle is None or sup is None:
             return
-        log.warning("%s grace period over -> SIGKILL to the group", rec.id)
+        log.warning("%s grace period over -> SIGKILL to the group", rec.id,
+                    extra=opsview.logfields(rec.agent, rec.id, "kill", rec.stop_reason or ""))
         self.table.event(rec.agent, rec.id, "Killed", rec.stop_reason or "", "grace period over: SIGKILL")
         self.table.put(records.kill_sent(rec))
         await self.call(sup, sup.signal, rec.handle, signals.SIGKILL)
@@ -137,20 +141,18 @@ class Executor:
         rec = self.table.instances[action.instance]
         self.table.put(records.scheduled(rec, action))
         if action.delay > 0:
-            exit_ = rec.last_exit
-            what = "Exited(unknown)"
-            if exit_ is not None and exit_.exit_code is not None:
-                what = f"Exited({exit_.exit_code})"
-            elif exit_ is not None and exit_.signal is not None:
-                what = f"Signaled({signals.Signals(exit_.signal).name})"
-            log.info("%s %s -> BackOff %gs", rec.id, what, action.delay)
+            exit_ = rec.last_exit  # a signal exit reads Signaled(SIGKILL), not Exited(None)
+            what = opsview.exit_word(exit_.exit_code, exit_.signal) if exit_ else "Exited(unknown)"
+            log.info("%s %s -> BackOff %gs", rec.id, what, action.delay,
+                     extra=opsview.logfields(rec.agent, rec.id, "backoff", "BackOff"))
             self.table.event(rec.agent, rec.id, "BackOff", exit_.reason if exit_ else "",
                              f"restart {action.attempt} in a row, in {action.delay:g}s")
 
     def finish(self, action: Finish) -> None:
         rec = self.table.instances[action.instance]
         self.table.put(records.finished(rec, action))
-        log.info("%s Exited -> %s %s", rec.id, action.reason, action.message)
+        log.info("%s Exited -> %s %s", rec.id, action.reason, action.message,
+                 extra=opsview.logfields(rec.agent, rec.id, "finish", str(action.reason)))
         self.table.event(rec.agent, rec.id, action.reason, action.reason, action.message or "no restart (restartPolicy)")
 
     def forget(self, instance_id: str) -> None:
@@ -171,7 +173,8 @@ class Executor:
         if asked is None:
             return
         self.table.put(asked)
-        log.warning("%s %s: %s", instance_id, reason, message)
+        log.warning("%s %s: %s", instance_id, reason, message,
+                    extra=opsview.logfields(rec.agent, instance_id, "stop", str(reason)))
         self.table.event(rec.agent, instance_id, reason, reason, message)
         self.queue.mark(rec.agent)
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller import logfiles, procfs, records
+from controller import logfiles, opsview, procfs, records
 from controller.clock import TimeSource
 from controller.model import Handle, InstanceRecord, RunState
 from controller.runtime.calls import Caller
@@ -173,12 +173,13 @@ class Exits:
         if code is not None:
             self.table.last_exit_codes[rec.agent] = code
         elif sig is not None:
-            self.table.last_exit_codes[rec.agent] = 128 + sig  # as a shell reports it
+            # one convention (docs/CONTRACT.md): a signal exit has no exit code; the gauge says -N
+            self.table.last_exit_codes[rec.agent] = -sig
         info = done.last_exit
         assert info is not None
-        what = f"Exited({code})" if code is not None else (
-            f"Signaled({signals.Signals(sig).name})" if sig else "Exited(unknown)")
-        log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, info.reason)
+        what = opsview.exit_word(code, sig)  # Exited(3) | Signaled(SIGTERM) | Exited(unknown)
+        log.info("%s %s after %.1fs, reason %s", instance_id, what, info.runtime_seconds, info.reason,
+                 extra=opsview.logfields(rec.agent, instance_id, "exit", info.reason))
         self.table.event(rec.agent, instance_id, "Exited", info.reason, f"{what} after {info.runtime_seconds:.1f}s")
         self.queue.mark(rec.agent)
         self.request_sweep()

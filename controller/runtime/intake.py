@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from controller import records
+from controller import opsview, records
 from controller.clock import TimeSource
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
@@ -114,7 +114,8 @@ class Intake:
                 if kept_by_failure(result, agent.source):
                     continue  # a read that failed is never a deletion (CONTRACT §11)
                 agent.present = False
-                log.info("%s manifest removed -> stopping", name)
+                log.info("%s manifest removed -> stopping", name,
+                         extra=opsview.logfields(name, None, "delete", "ManifestDeleted"))
                 self.table.event(name, None, "Deleted", ExitReason.MANIFEST_DELETED, f"manifest {agent.source} is gone")
                 self.queue.mark(name)
         self.manifest_valid = merge_validity(self.manifest_valid, self._validity(result), result)  # unread files keep theirs
@@ -146,8 +147,11 @@ class Intake:
             agent = self.table.agents[name] = AgentState(name, loaded.source, self.clock.wall())
             self.table.event(name, None, "Created", "ManifestAdded", f"from {loaded.source}")
         revision = self.git.revision if self.git is not None else None
-        if agent.loaded is loaded and agent.valid and agent.present and agent.source_revision == revision:
+        if agent.loaded is loaded and agent.valid and agent.present and agent.source_revision == revision \
+                and not agent.errors:  # a duplicate's error must clear once the duplicate is gone
             return  # the loader's cache says nothing this agent reads has changed
+        if agent.errors and agent.valid:
+            self.queue.mark(name)  # republish; _take_invalid sets the errors again if the duplicate stays
         agent.loaded = loaded
         desired = self.desire(loaded)
         placed = self._placed(loaded.manifest)
@@ -171,7 +175,8 @@ class Intake:
             agent = self.table.agents[name] = AgentState(name, messages[0].split(":", 1)[0], self.clock.wall())
         if agent.valid or agent.errors != messages or not agent.present:
             kept = "keeping the last valid spec" if agent.desired is not None else "nothing runs until it is fixed"
-            log.warning("%s invalid manifest, %s: %s", name, kept, messages[0])
+            log.warning("%s invalid manifest, %s: %s", name, kept, messages[0],
+                        extra=opsview.logfields(name, None, "invalid", "InvalidManifest"))
             self.table.event(name, None, "InvalidManifest", "InvalidManifest", messages[0])
         agent.valid, agent.errors, agent.present = False, messages, True
         self.queue.mark(name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.activity import Observation
+from controller import opsview
 from controller.clock import TimeSource, reading
 from controller.model import Handle, RunState
 from controller.planner import AgentView, agent_phase
@@ -59,7 +60,11 @@ class Publisher:
             StatusInput(
                 name=agent.name, source=agent.source, phase=phase, spec_hash=spec_hash,
                 instances=list(view.instances.values()), restarts=self.table.restarts(agent.name, spec_hash),
-                valid=agent.valid, errors=agent.errors,
+                errors=agent.errors,
+                # a valid agent that carries another file's errors: DuplicateName (CONTRACT §8)
+                valid=agent.valid and not agent.errors,
+                invalid_reason="DuplicateName" if agent.valid and agent.errors else "InvalidManifest",
+                running_spec=opsview.spec_summary(desired) if desired is not None else None,
                 labels=dict(desired.manifest.metadata.labels) if desired else {},
                 supervisor=desired.spec.supervisor if desired else "process",
                 source_revision=agent.source_revision,

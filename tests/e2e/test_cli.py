@@ -149,7 +149,7 @@ def test_get_prints_a_table_json_and_yaml(ctl: Controller) -> None:
     table = ctl.cli("get")
     assert table.returncode == 0
     rows = [line.split() for line in table.stdout.splitlines()]
-    assert rows[0] == ["NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR"]
+    assert rows[0] == ["NAME", "PHASE", "READY", "RESTARTS", "AGE", "SUPERVISOR", "REASON"]  # REASON: CONTRACT §8
     by_name = {r[0]: r for r in rows[1:]}
     assert by_name["alpha"][1:4] == ["Running", "1/1", "0"]
     assert by_name["beta"][1:4] == ["Running", "2/2", "0"]

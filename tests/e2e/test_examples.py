@@ -20,7 +20,8 @@ def agentctl(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_manifest_is_valid(path: Path) -> None:
-    result = agentctl("validate", str(path), "--base-dir", "examples", "--config", "examples/agentctl-config.yaml")
+    # from the repository root, as the README says: the examples' paths are relative to it
+    result = agentctl("validate", str(path), "--config", "examples/agentctl-config.yaml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout == ""
 
@@ -31,6 +32,12 @@ def test_examples_cover_every_supervisor_and_policy_field() -> None:
                   "maxRestarts", "logIdleSeconds", "exec:", "httpGet", "memoryLimitMiB", "suspend", "replicas",
                   "envFiles", "provider: claude", "provider: codex", "placement", "logs:", "stop:"):
         assert field in text, f"no example shows {field}"
+
+
+def test_the_examples_directory_validates_from_the_repository_root() -> None:
+    result = agentctl("validate", "examples/agents/", "--config", "examples/agentctl-config.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == ""
 
 
 def test_sample_manifests_of_the_readme_are_valid() -> None:

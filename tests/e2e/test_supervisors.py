@@ -467,4 +467,6 @@ def test_systemd_agent_without_a_user_manager_is_unavailable_and_disturbs_nothin
     assert inst(after)["pid"] == pid and after["restarts"] == 0
     assert pid_alive(pid)
     table = ctl.cli("get")
-    assert re.search(r"^unit\s+Pending\s+0/1\s+0\s+\S+\s+systemd$", table.stdout, re.MULTILINE), table.stdout
+    # REASON (CONTRACT §8) says why it is Pending
+    assert re.search(r"^unit\s+Pending\s+0/1\s+0\s+\S+\s+systemd\s+SupervisorUnavailable$", table.stdout,
+                     re.MULTILINE), table.stdout
