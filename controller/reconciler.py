@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller import logfiles, procfs
+from controller import logfiles, procfs, sessions
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
@@ -106,7 +106,8 @@ class Controller:
         self.settings = settings
         self.state_dir = settings.state_dir
         self.presets: dict[str, Preset] = merge_presets(settings.providers)
-        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=frozenset(self.presets),
+        # presets: the presets themselves (not just their names), so intake checks each provider's values
+        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=self.presets,
                                      allow_insecure=settings.allow_insecure_manifests)
         self.git: GitSource | None = None
         if settings.git is not None:
@@ -218,7 +219,7 @@ class Controller:
             return state
         try:
             manifest = AgentManifest.model_validate(row.manifest)
-            loaded, _ = resolve_doc(ParsedDocument(manifest, 1), self.settings.base_dir, row.source, frozenset(self.presets))
+            loaded, _ = resolve_doc(ParsedDocument(manifest, 1), self.settings.base_dir, row.source, self.presets)  # presets
         except ValueError as exc:
             log.warning("stored spec of %s is no longer usable: %s", row.name, exc)
             return state
@@ -531,6 +532,12 @@ class Controller:
         run_id = os.urandom(6).hex()
         base = replace(base, run_id=run_id)
         spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id), ("AGENTCTL_RUN", run_id)))
+        # presets: session ids (CONTRACT §9) and the argv this start runs, kept on the record
+        spec, session = sessions.prepare(spec, agent.desired.spec if agent.desired else None, self.presets, prev,
+                                         log_path=self.log_path(spec.id),
+                                         taken=[r.provider_session_id for i, r in self.instances.items() if i != spec.id])
+        base = replace(base, session_id=session.session_id, provider_session_id=session.provider_session_id,
+                       argv=session.argv)
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self._check_cwd(spec.cwd)
@@ -545,7 +552,7 @@ class Controller:
             return
         finally:
             self.starting.discard(spec.id)
-        self.put(replace(base, handle=handle))
+        self.put(replace(base, handle=handle, session_started=bool(base.session_id)))  # presets: later starts resume
         self.watch(spec.id, handle)
         desired_spec = agent.desired.spec if agent.desired is not None else None
         if desired_spec is not None and (desired_spec.liveness or desired_spec.resources.memory_limit_mib):
@@ -761,10 +768,12 @@ class Controller:
         self.event(rec.agent, instance_id, reason, reason, message)
         self.mark(rec.agent)
 
-    def manual_restart(self, name: str) -> bool:
+    def manual_restart(self, name: str, *, fresh: bool = False) -> bool:
         if name not in self.agents:
             return False
         for rec in self._instances_of(name).values():
+            if fresh:  # presets: `restart --fresh` forgets the sessions; the next start picks new ids
+                self.put(replace(rec, session_id="", provider_session_id="", session_started=False))
             self.request_stop(rec.id, ExitReason.MANUAL_RESTART, "agentctl restart")
         self.mark(name)
         return True

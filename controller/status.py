@@ -83,6 +83,8 @@ def _instance(rec: InstanceRecord, clock: Clock) -> dict[str, Any]:
         out["nextAttemptAt"] = iso(clock.to_wall(rec.next_start))
     if rec.state == RunState.STOPPING:
         out["stopReason"] = rec.stop_reason
+    if rec.session_id:  # presets: session.resume (CONTRACT §9)
+        out["sessionId"] = rec.session_id
     return out
 
 

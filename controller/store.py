@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_agent ON events (agent, seq);
 """
 EVENTS_KEPT = 20_000
+# columns added after a store could already exist: (table, column, type), added by _migrate
+ADDED_COLUMNS = (("instances", "session_id", "TEXT"),)  # presets: session.resume
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older store up to the current schema in place; nothing in it is lost."""
+    for table, column, kind in ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def record_to_json(rec: InstanceRecord) -> str:
@@ -56,6 +66,7 @@ def record_from_json(raw: str) -> InstanceRecord:
         exit_data["log_tail"] = tuple(exit_data.get("log_tail", ()))
         data["last_exit"] = ExitInfo(**exit_data)
     data["restart_times"] = tuple(data.get("restart_times", ()))
+    data["argv"] = tuple(data.get("argv", ()))
     return InstanceRecord(**data)
 
 
@@ -112,6 +123,7 @@ class Store:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
         db.executescript(SCHEMA)
+        _migrate(db)
         check = db.execute("PRAGMA quick_check").fetchone()
         if not check or check[0] != "ok":
             db.close()
@@ -147,9 +159,14 @@ class Store:
     # -- instances ----------------------------------------------------------
     def instances(self) -> list[InstanceRecord]:
         out = []
-        for (raw,) in self.db.execute("SELECT data FROM instances ORDER BY id"):
+        # a read-only open of a store not yet migrated has no session_id column
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        column = "session_id" if "session_id" in have else "NULL"
+        for raw, session_id in self.db.execute(f"SELECT data, {column} FROM instances ORDER BY id"):
             try:
-                out.append(record_from_json(raw))
+                rec = record_from_json(raw)
+                # the column is the session id of record (a store written before it existed has NULL)
+                out.append(replace(rec, session_id=session_id) if session_id is not None else rec)
             except (ValueError, TypeError, KeyError) as exc:
                 log.error("skipping unreadable instance record: %s", exc)
         return out
@@ -157,8 +174,8 @@ class Store:
     def put_instance(self, rec: InstanceRecord) -> None:
         self._begin()
         self.db.execute(
-            "INSERT OR REPLACE INTO instances (id, agent, data) VALUES (?, ?, ?)",
-            (rec.id, rec.agent, record_to_json(rec)),
+            "INSERT OR REPLACE INTO instances (id, agent, data, session_id) VALUES (?, ?, ?, ?)",
+            (rec.id, rec.agent, record_to_json(rec), rec.session_id or None),
         )
 
     def delete_instance(self, instance_id: str) -> None:

@@ -39,7 +39,11 @@ def consume_requests(controller: Controller, requests: Path) -> None:
     """`agentctl restart NAME` drops NAME.restart here; it is removed once acted on."""
     for path in sorted(requests.glob("*.restart")):
         name = path.stem
-        if controller.manual_restart(name):
+        try:  # presets: `restart --fresh` writes a line "fresh"
+            fresh = "fresh" in path.read_text(errors="replace").split()
+        except OSError:
+            fresh = False
+        if controller.manual_restart(name, fresh=fresh):
             log.info("%s restart requested", name)
         else:
             log.warning("restart requested for unknown agent %s", name)
