@@ -78,8 +78,10 @@ BUILTIN: dict[str, Preset] = {
     ),
     "codex": Preset(
         "codex",
-        (("resume", "{resumeId}"), *CODEX_TAIL, ("--ask-for-approval", "{approvalMode}"), PROVIDER_ARGS,
-         ("--", "{prompt}")),
+        # --no-daemon: else the TUI starts a shared app-server that leaves the instance's process
+        # group (setsid, parent 1): never stopped with the instance, its memory never counted
+        (("resume", "{resumeId}"), "--no-daemon", *CODEX_TAIL, ("--ask-for-approval", "{approvalMode}"),
+         PROVIDER_ARGS, ("--", "{prompt}")),
         # `codex exec resume` takes neither --sandbox nor --ask-for-approval: both go as config
         # overrides, which every exec form accepts; exec has nobody to ask, so approval is never
         headless_args=("exec", ("resume", "{resumeId}"), "--json", "--skip-git-repo-check",

@@ -54,13 +54,14 @@ def test_claude_headless_is_print_mode_with_stream_json_events() -> None:
 def test_unset_fields_drop_their_flags() -> None:
     assert argv("claude", supervisor="tmux") == ("claude",)
     assert argv("claude", supervisor="tmux", prompt="hi") == ("claude", "--", "hi")
-    assert argv("codex", supervisor="tmux") == ("codex",)
+    assert argv("codex", supervisor="tmux") == ("codex", "--no-daemon")
 
 
 def test_codex_interactive_maps_effort_to_a_config_override_and_approval_to_its_flag() -> None:
     assert argv("codex", supervisor="tmux", model="o3", effort="high", approvalMode="never", prompt="-fix",
                 providerArgs=["--search"]) == (
-        "codex", "--model", "o3", "-c", "model_reasoning_effort=high", "--ask-for-approval", "never", "--search",
+        "codex", "--no-daemon", "--model", "o3", "-c", "model_reasoning_effort=high", "--ask-for-approval", "never",
+        "--search",
         "--", "-fix")
 
 
@@ -109,7 +110,7 @@ def test_claude_first_start_names_the_session_and_later_starts_resume_it() -> No
 def test_codex_resumes_through_its_resume_subcommands() -> None:
     inter = spec_of("codex", supervisor="tmux", model="o3", session={"resume": True})
     head = spec_of("codex", model="o3", prompt="go", session={"resume": True})
-    assert render(BUILTIN["codex"], inter, SessionArgs(resume_id=SID))[0] == ["codex", "resume", SID, "--model", "o3"]
+    assert render(BUILTIN["codex"], inter, SessionArgs(resume_id=SID))[0] == ["codex", "resume", SID, "--no-daemon", "--model", "o3"]
     assert render(BUILTIN["codex"], head, SessionArgs(resume_id=SID))[0] == [
         "codex", "exec", "resume", SID, *CODEX_HEADLESS[2:], "--model", "o3", "--", "go"]
     assert render(BUILTIN["codex"], head)[0][:3] == ["codex", "exec", "--json"], "no id known: a new session"
