@@ -153,3 +153,28 @@ def test_read_only_store_reads_but_cannot_write(tmp_path: Path, store: Store) ->
 
 def test_read_only_open_of_a_missing_state_dir_is_none(tmp_path: Path) -> None:
     assert open_readonly(tmp_path / "nothing") is None
+
+
+# -- session ids (session.resume): a column added by migration ------------------------------
+def test_a_store_from_before_session_ids_is_migrated_in_place_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE instances (id TEXT PRIMARY KEY, agent TEXT NOT NULL, data TEXT NOT NULL);")
+    old.execute("INSERT INTO instances VALUES (?, ?, ?)", (FULL.id, FULL.agent, store_module.record_to_json(FULL)))
+    old.commit()
+    old.close()
+    ro = open_readonly(tmp_path)
+    assert ro is not None and [r.id for r in ro.instances()] == [FULL.id], "read-only, before the migration"
+    ro.close()
+    s = Store(path)
+    assert [r.id for r in s.instances()] == [FULL.id] and s.instances()[0].session_id == ""
+    s.put_instance(replace(FULL, session_id="3f0f1e1c-1111-4222-8333-444455556666", session_started=True,
+                           argv=("claude", "--resume", "3f0f1e1c-1111-4222-8333-444455556666")))
+    s.close()
+    again = Store(path)
+    rec = again.instances()[0]
+    assert (rec.session_id, rec.session_started) == ("3f0f1e1c-1111-4222-8333-444455556666", True)
+    assert rec.argv == ("claude", "--resume", "3f0f1e1c-1111-4222-8333-444455556666")
+    column = again.db.execute("SELECT session_id FROM instances WHERE id = ?", (FULL.id,)).fetchone()
+    assert column == ("3f0f1e1c-1111-4222-8333-444455556666",)
+    again.close()
