@@ -24,6 +24,8 @@ from controller.providers import HEADLESS, Preset, SessionArgs, mode_of, render,
 log = logging.getLogger("agentctl.sessions")
 LOG_SCAN_BYTES = 1 << 20  # the thread id is in the first event of a run: never read a whole log
 SESSION_FILES_SCANNED = 200
+ANSI = re.compile(rb"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07]*\x07|[@-_])")  # a terminal's moves and colours
+NO_CONVERSATION = re.compile(r"no conversation found", re.IGNORECASE)
 THREAD_STARTED = re.compile(rb'"type"\s*:\s*"thread\.started"\s*,\s*"thread_id"\s*:\s*"([0-9A-Za-z-]{8,64})"')
 
 
@@ -47,7 +49,12 @@ def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[s
     started = same and prev is not None and prev.session_started
     provider_id = prev.provider_session_id if prev is not None and same else ""
     if preset.resume == "own-id":
-        # claude: --session-id on the instance's first start, --resume on every later one
+        # claude: --session-id on the instance's first start, --resume on every later one; unless
+        # the last --resume was refused because claude never recorded the session (its first
+        # start failed before it could, e.g. offline): the id is still free, name it again
+        if started and prev is not None and _resume_refused(prev, sid, log_path):
+            log.warning("%s: claude has no conversation %s; starting it again with --session-id", spec.id, sid)
+            started = False
         args, provider_id = (SessionArgs(resume_id=sid) if started else SessionArgs(new_id=sid)), sid
     else:
         if not provider_id and started and prev is not None:
@@ -56,6 +63,24 @@ def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[s
     argv, _ = render(preset, agent_spec, args)
     env = tuple(sorted((*spec.env, ("AGENTCTL_SESSION_ID", sid))))
     return replace(spec, argv=tuple(argv), env=env), Session(sid, provider_id, tuple(argv))
+
+
+def _resume_refused(prev: InstanceRecord, sid: str, log_path: Path) -> bool:
+    """The last run was `--resume sid`, failed, and its output says the conversation does not
+    exist (claude 2.1.332: `No conversation found with session ID: <id>`, also on a terminal)."""
+    if "--resume" not in prev.argv or prev.last_exit is None or not prev.last_exit.failed:
+        return False
+    text = ANSI.sub(b" ", _read_from(log_path, prev.log_offset)).decode(errors="replace")
+    return sid in text and NO_CONVERSATION.search(" ".join(text.split())) is not None
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read(LOG_SCAN_BYTES)
+    except OSError:
+        return b""
 
 
 def discover(agent_spec: AgentSpec, prev: InstanceRecord, spec: InstanceSpec, *, log_path: Path,
@@ -70,13 +95,7 @@ def discover(agent_spec: AgentSpec, prev: InstanceRecord, spec: InstanceSpec, *,
 
 def thread_id_in_log(path: Path, offset: int) -> str:
     """`{"type":"thread.started","thread_id":...}`, the first event `codex exec --json` prints."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            head = fh.read(LOG_SCAN_BYTES)
-    except OSError:
-        return ""
-    match = THREAD_STARTED.search(head)
+    match = THREAD_STARTED.search(_read_from(path, offset))
     return match.group(1).decode() if match else ""
 
 

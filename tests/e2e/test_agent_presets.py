@@ -41,6 +41,10 @@ args = sys.argv[1:]
 with open(os.path.join({root!r}, os.environ["AGENTCTL_AGENT"] + ".calls"), "a") as fh:
     env = {{k: v for k, v in os.environ.items() if k.startswith("AGENTCTL_")}}
     fh.write(json.dumps({{"name": name, "argv": args, "env": env, "tty": os.isatty(0)}}) + "\\n")
+if name == "claude" and os.environ.get("STANDIN_FORGETS") and "--resume" in args:
+    # as claude when its first start could not record the conversation (e.g. it was offline)
+    print("No conversation found with session ID: " + args[args.index("--resume") + 1], flush=True)
+    sys.exit(1)
 if name == "codex":
     tid = args[args.index("resume") + 1] if "resume" in args else str(uuid.uuid4())
     if args[:1] == ["exec"]:
@@ -186,6 +190,18 @@ def test_claude_session_is_named_on_the_first_start_resumed_later_and_fresh_on_r
     new = third["env"]["AGENTCTL_SESSION_ID"]
     assert new != sid and third["argv"][third["argv"].index("--session-id") + 1] == new
     agents.wait_status("cl", lambda d: instance(d).get("sessionId") == new, DEADLINE, "new sessionId in status")
+
+
+def test_claude_names_its_session_again_when_it_says_the_conversation_does_not_exist(agents: Controller) -> None:
+    apply(agents, "cl", provider="claude", prompt="go", session={"resume": True}, env={"STANDIN_FORGETS": "1"},
+          backoff={"initialSeconds": 0.1})
+    start(agents)
+    sid = wait_calls(agents, "cl", 1)[0]["env"]["AGENTCTL_SESSION_ID"]
+    restart(agents, "cl")
+    refused, again = wait_calls(agents, "cl", 3)[1:3]
+    assert refused["argv"][refused["argv"].index("--resume") + 1] == sid
+    assert again["argv"][again["argv"].index("--session-id") + 1] == sid, "the same id, named again"
+    assert again["env"]["AGENTCTL_SESSION_ID"] == sid
 
 
 def test_session_survives_a_controller_restart_and_a_spec_change(agents: Controller) -> None:
