@@ -219,7 +219,10 @@ class Controller:
             return state
         try:
             manifest = AgentManifest.model_validate(row.manifest)
-            loaded, _ = resolve_doc(ParsedDocument(manifest, 1), self.settings.base_dir, row.source, self.presets)  # presets
+            loaded, _ = resolve_doc(ParsedDocument(manifest, 1), self.settings.base_dir, row.source,
+                                    # presets: names only; a stored spec that was valid stays the last valid
+                                    # spec even if today's provider checks refuse it (shown as Valid=False)
+                                    frozenset(self.presets))
         except ValueError as exc:
             log.warning("stored spec of %s is no longer usable: %s", row.name, exc)
             return state
