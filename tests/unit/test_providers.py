@@ -1,10 +1,14 @@
 """Built-in claude and codex presets (CONTRACT §9): argv per mode and field, session flags,
-per-provider validation, and the one-line argv display. Pure: no CLI runs here (see
+per-provider validation, and the one-line argv display. No CLI runs here (see
 tests/e2e/test_agent_presets.py for stand-ins and the real CLIs)."""
 
 from __future__ import annotations
 
+import json
 import shlex
+import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from controller.desired import DesiredAgent
 from controller.manifests import AgentSpec, parse_text
 from controller.providers import BUILTIN, SessionArgs, check, display_argv, merge_presets, mode_of, render
+from controller.sessions import session_file_id, thread_id_in_log
 from tests.unit.builders import desired, manifest_yaml, parse_manifest
 
 CLAUDE_HEADLESS = ("claude", "-p", "--output-format", "stream-json", "--verbose")
@@ -110,7 +115,8 @@ def test_claude_first_start_names_the_session_and_later_starts_resume_it() -> No
 def test_codex_resumes_through_its_resume_subcommands() -> None:
     inter = spec_of("codex", supervisor="tmux", model="o3", session={"resume": True})
     head = spec_of("codex", model="o3", prompt="go", session={"resume": True})
-    assert render(BUILTIN["codex"], inter, SessionArgs(resume_id=SID))[0] == ["codex", "resume", SID, "--no-daemon", "--model", "o3"]
+    assert render(BUILTIN["codex"], inter, SessionArgs(resume_id=SID))[0] == [
+        "codex", "resume", SID, "--no-daemon", "--model", "o3"]
     assert render(BUILTIN["codex"], head, SessionArgs(resume_id=SID))[0] == [
         "codex", "exec", "resume", SID, *CODEX_HEADLESS[2:], "--model", "o3", "--", "go"]
     assert render(BUILTIN["codex"], head)[0][:3] == ["codex", "exec", "--json"], "no id known: a new session"
@@ -191,3 +197,37 @@ def test_display_argv_is_one_line_a_shell_reads_back_as_the_same_argv() -> None:
     assert "\n" not in line
     plain = [a for a in args if a.isprintable()]
     assert shlex.split(display_argv(plain)) == plain
+
+
+# -- finding codex's own session id (sessions.py, on files under tmp_path) --------------------
+
+def rollout(home: Path, sid: str, cwd: str, at: float) -> None:
+    stamp = datetime.fromtimestamp(at, UTC)
+    day = home / "sessions" / stamp.strftime("%Y/%m/%d")
+    day.mkdir(parents=True, exist_ok=True)
+    meta = {"type": "session_meta", "payload": {"id": sid, "cwd": cwd,
+                                                "timestamp": stamp.isoformat().replace("+00:00", "Z")}}
+    (day / f"rollout-{stamp:%Y-%m-%dT%H-%M-%S}-{sid}.jsonl").write_text(json.dumps(meta) + "\n{}\n")
+
+
+def test_codex_session_file_of_this_cwd_started_since_the_run_and_not_taken_is_chosen(tmp_path: Path) -> None:
+    now = time.time()
+    rollout(tmp_path, "old", "/w", now - 3600)
+    rollout(tmp_path, "elsewhere", "/other", now + 1)
+    rollout(tmp_path, "taken", "/w", now + 1)
+    rollout(tmp_path, "mine", "/w", now + 2)
+    rollout(tmp_path, "later", "/w", now + 30)
+    assert session_file_id(tmp_path, "/w", now, taken={"taken"}) == "mine"
+    assert session_file_id(tmp_path / "missing", "/w", now, taken=()) == ""
+
+
+def test_codex_thread_id_is_read_from_the_run_that_announced_it(tmp_path: Path) -> None:
+    log = tmp_path / "cx-0.log"
+    first = '{"type":"thread.started","thread_id":"01a241ec-ff66-7233-a3aa-8a1f5d54db15"}\n'
+    log.write_text(first + "noise\n")
+    offset = log.stat().st_size
+    with log.open("a") as fh:
+        fh.write('{"type":"thread.started","thread_id":"02b241ec-ff66-7233-a3aa-8a1f5d54db15"}\n')
+    assert thread_id_in_log(log, 0) == "01a241ec-ff66-7233-a3aa-8a1f5d54db15"
+    assert thread_id_in_log(log, offset) == "02b241ec-ff66-7233-a3aa-8a1f5d54db15"
+    assert thread_id_in_log(tmp_path / "none.log", 0) == ""
