@@ -293,7 +293,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{p}:0: no such file or directory")
     base = Path(args.base_dir or cfg.base_dir or ".").resolve()
     presets = merge_presets({k: v.model_dump(exclude_none=True) for k, v in cfg.providers.items()})
-    source = ManifestSource(*[p for p in paths if p not in missing], base_dir=base, providers=presets)  # presets: checked per provider
+    # presets: the presets themselves, so that each provider's values are checked
+    source = ManifestSource(*[p for p in paths if p not in missing], base_dir=base, providers=presets)
     result = source.load()
     for err in result.errors:
         print(err)

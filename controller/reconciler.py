@@ -536,9 +536,9 @@ class Controller:
         base = replace(base, run_id=run_id)
         spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id), ("AGENTCTL_RUN", run_id)))
         # presets: session ids (CONTRACT §9) and the argv this start runs, kept on the record
+        taken = [r.provider_session_id for i, r in self.instances.items() if i != spec.id]
         spec, session = sessions.prepare(spec, agent.desired.spec if agent.desired else None, self.presets, prev,
-                                         log_path=self.log_path(spec.id),
-                                         taken=[r.provider_session_id for i, r in self.instances.items() if i != spec.id])
+                                         log_path=self.log_path(spec.id), taken=taken)
         base = replace(base, session_id=session.session_id, provider_session_id=session.provider_session_id,
                        argv=session.argv)
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight

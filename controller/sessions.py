@@ -39,7 +39,8 @@ class Session:
 
 
 def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[str, Preset],
-            prev: InstanceRecord | None, *, log_path: Path, taken: Collection[str] = ()) -> tuple[InstanceSpec, Session]:
+            prev: InstanceRecord | None, *, log_path: Path,
+            taken: Collection[str] = ()) -> tuple[InstanceSpec, Session]:
     """The spec this start runs (argv with session flags, AGENTCTL_SESSION_ID) and what to record."""
     preset = presets.get(agent_spec.provider or "") if agent_spec is not None else None
     if agent_spec is None or preset is None or not resumes(agent_spec):
