@@ -128,8 +128,9 @@ class Health:
         for rec, limit in limited:
             assert rec.handle is not None and limit is not None
             # presets: PSS of the whole tree (procfs.tree_memory), not RSS: see docs/agents.md
-            used = procfs.tree_memory(snap, snap.instance_pids(rec.handle.pid, rec.handle.pgid))
-            if used > limit * 1024 * 1024:
+            limit_bytes = int(limit * 1024 * 1024)
+            used = procfs.tree_memory(snap, snap.instance_pids(rec.handle.pid, rec.handle.pgid), limit=limit_bytes)
+            if used > limit_bytes:
                 self.controller.request_stop(
                     rec.id, ExitReason.MEMORY_LIMIT_EXCEEDED,
                     f"resident memory {used / 1048576:.1f} MiB over the limit of {limit:g} MiB (PSS of the tree)")
