@@ -30,7 +30,7 @@ THREAD_STARTED = re.compile(rb'"type"\s*:\s*"thread\.started"\s*,\s*"thread_id"\
 
 
 @dataclass(frozen=True)
-class Session:
+class StartSession:
     """What a start records beside its handle (InstanceRecord fields of the same names)."""
 
     session_id: str = ""
@@ -40,11 +40,11 @@ class Session:
 
 def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[str, Preset],
             prev: InstanceRecord | None, *, log_path: Path,
-            taken: Collection[str] = ()) -> tuple[InstanceSpec, Session]:
+            taken: Collection[str] = ()) -> tuple[InstanceSpec, StartSession]:
     """The spec this start runs (argv with session flags, AGENTCTL_SESSION_ID) and what to record."""
     preset = presets.get(agent_spec.provider or "") if agent_spec is not None else None
     if agent_spec is None or preset is None or not resumes(agent_spec):
-        return spec, Session(argv=spec.argv)
+        return spec, StartSession(argv=spec.argv)
     same = prev is not None and bool(prev.session_id)
     sid = prev.session_id if prev is not None and same else str(uuid.uuid4())
     started = same and prev is not None and prev.session_started
@@ -63,7 +63,7 @@ def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[s
         args = SessionArgs(resume_id=provider_id)
     argv, _ = render(preset, agent_spec, args)
     env = tuple(sorted((*spec.env, ("AGENTCTL_SESSION_ID", sid))))
-    return replace(spec, argv=tuple(argv), env=env), Session(sid, provider_id, tuple(argv))
+    return replace(spec, argv=tuple(argv), env=env), StartSession(sid, provider_id, tuple(argv))
 
 
 def _resume_refused(prev: InstanceRecord, sid: str, log_path: Path) -> bool:

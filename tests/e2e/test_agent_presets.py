@@ -456,3 +456,30 @@ def test_memory_limit_charges_shared_pages_once_not_once_per_process(ctl: Contro
     assert "over the limit of 160 MiB" in instance(hog)["lastExit"]["message"]
     sharer = ctl.status("sharer") or {}
     assert sharer["phase"] == "Running" and sharer["restarts"] == 0, sharer
+
+
+@real
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_codex_interactive_resumes_the_session_it_recorded(real_agents: Controller) -> None:
+    home = real_agents.root / "home"
+    # a made-up API key stored locally: past the login screen, the TUI sends the prompt (refused:
+    # offline) and records its session, as it would for a real user
+    login = subprocess.run([str(Path(CLI_BIN) / "codex"), "login", "--with-api-key"], input="sk-made-up\n",
+                           capture_output=True, text=True, timeout=60, cwd=real_agents.root / "work", check=False,
+                           env={**os.environ, "HOME": str(home), "HTTPS_PROXY": OFFLINE})
+    assert login.returncode == 0, login.stderr
+    real_apply(real_agents, "cx", provider="codex", supervisor="tmux", prompt="-hello", session={"resume": True})
+    start(real_agents)
+    sessions = real_agents.root / "home" / ".codex" / "sessions"
+    rollouts = wait_for(lambda: sorted(sessions.glob("*/*/*/rollout-*.jsonl")), DEADLINE, interval=0.2,
+                        message="codex's session file")
+    recorded = json.loads(rollouts[0].read_text().splitlines()[0])["payload"]["id"]
+    restart(real_agents, "cx")
+    described = wait_for(lambda: (lambda out: out if f" resume {recorded} " in out else "")(
+        real_agents.cli("describe", "cx").stdout), DEADLINE, interval=0.5, message="the restart resuming it")
+    assert "Command:" in described
+    # the resumed TUI runs (a refused id would have ended it): its own screen, same session
+    version = cli_version("codex", real_agents.root / "home")
+    wait_for(lambda: version in real_agents.cli("capture", "cx").stdout, DEADLINE, interval=0.5,
+             message="codex's screen after resuming")
+    assert sorted(sessions.glob("*/*/*/rollout-*.jsonl"))[0] == rollouts[0]
