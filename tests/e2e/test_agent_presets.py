@@ -210,8 +210,12 @@ def test_session_survives_a_controller_restart_and_a_spec_change(agents: Control
     sid = wait_calls(agents, "cl", 1)[0]["env"]["AGENTCTL_SESSION_ID"]
     agents.wait_status("cl", lambda d: instance(d).get("sessionId") == sid, DEADLINE)
     assert agents.stop() == 0
-    start(agents)
     apply(agents, "cl", provider="claude", prompt="go", model="m2", session={"resume": True})
+    flags = ["--manifests", str(agents.manifests), "--base-dir", str(agents.base), "--config", str(agents.config)]  # type: ignore[attr-defined]
+    lines = agents.cli("plan", *flags).stdout.splitlines()
+    at = lines.index("restart cl-0 SpecChanged")
+    assert lines[at + 1].startswith("    argv: ") and f"--resume {sid}" in lines[at + 1], lines
+    start(agents)
     second = wait_calls(agents, "cl", 2)[1]
     assert second["argv"][:3] == ["-p", "--output-format", "stream-json"]
     assert second["argv"][second["argv"].index("--resume") + 1] == sid and "m2" in second["argv"]
