@@ -121,11 +121,12 @@ def _line(action: object, running: bool) -> str | None:
 
 
 def _argv_line(controller: Controller, desired: DesiredAgent | None, line: str) -> list[str]:
-    """presets: under a create/restart line, the argv that start would run (session ids included),
-    indented so that `ACTION INSTANCE REASON` lines stay as they are."""
+    """presets: under a create/restart line of a provider agent, the argv that start would run
+    (preset and session ids applied), indented so that `ACTION INSTANCE REASON` lines stay as
+    they are. A plain command agent runs its `command` as written: no extra line."""
     verb, iid = line.split()[:2]
     spec = next((i for i in desired.instances if i.id == iid), None) if desired else None
-    if verb not in ("create", "restart") or spec is None or desired is None:
+    if verb not in ("create", "restart") or spec is None or desired is None or desired.spec.provider is None:
         return []
     spec, _ = sessions.prepare(spec, desired.spec, controller.presets, controller.instances.get(iid),
                                log_path=controller.log_path(iid))
