@@ -164,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
 
     restart = _sub(sub, "restart", "ask the running controller to restart an agent")
     restart.add_argument("name")
+    restart.add_argument("--fresh", action="store_true", help="start new sessions (new session ids)")
     _common(restart)
 
     _common(_sub(sub, "schema", "print the manifest JSON Schema"))
@@ -472,7 +473,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{p}:0: no such file or directory")
     base = Path(args.base_dir or cfg.base_dir or ".").resolve()
     presets = merge_presets({k: v.model_dump(exclude_none=True) for k, v in cfg.providers.items()})
-    source = ManifestSource(*[p for p in paths if p not in missing], base_dir=base, providers=frozenset(presets))
+    # presets: the presets themselves, so that each provider's values are checked
+    source = ManifestSource(*[p for p in paths if p not in missing], base_dir=base, providers=presets)
     result = source.load()
     for err in result.errors:
         print(err)
@@ -573,7 +575,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
         print(f"error: no controller is running on state dir {state_dir}; start it with `agentctl run`", file=sys.stderr)
         return 1
     request = state_dir / "requests" / f"{args.name}.restart"
-    status.atomic_write(request, f"{time.time()}\n")
+    status.atomic_write(request, f"{time.time()}{' fresh' if args.fresh else ''}\n")  # presets: --fresh
     deadline = time.monotonic() + 15
     while request.exists() and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import opsview
+from controller.providers import display_argv
 from controller.store import open_readonly
 
 
@@ -62,7 +63,19 @@ def _inline(value: object) -> str:
     return str(value)
 
 
+def _commands(state_dir: Path, name: str) -> dict[str, tuple[str, ...]]:
+    """instance id -> the argv its current (or last) run executed, as recorded at start."""
+    store = open_readonly(state_dir)
+    if store is None:
+        return {}
+    try:
+        return {r.id: r.argv for r in store.instances() if r.agent == name and r.argv}
+    finally:
+        store.close()
+
+
 def describe(doc: dict[str, Any], state_dir: Path) -> str:
+    commands = _commands(state_dir, doc["name"])
     out = _kv("Name", doc.get("name"))
     out += _spec(doc)
     out += _kv("Source", doc.get("source"))
@@ -70,6 +83,8 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
         out += _kv("Revision", doc["sourceRevision"])
     out += _kv("Labels", ", ".join(f"{k}={v}" for k, v in (doc.get("labels") or {}).items()) or "<none>")
     out += _kv("Supervisor", doc.get("supervisor"))
+    first = next((commands[i["id"]] for i in doc.get("instances") or [] if i["id"] in commands), None)
+    out += _kv("Command", display_argv(first) if first else "<not started yet>")  # after provider presets
     out += _kv("Phase", doc.get("phase"))
     rep = doc.get("replicas") or {}
     out += _kv("Replicas", f"{rep.get('ready', 0)} ready / {rep.get('desired', 0)} desired")
@@ -88,6 +103,10 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
         out += f" started {inst.get('startedAt') or '-'} restarts {inst.get('restarts', 0)}\n"
         if inst.get("activity"):  # activity: CONTRACT §9
             out += f"    Activity: {inst['activity']} ({inst.get('activityReason')}) since {inst.get('activitySince')}\n"
+        if inst.get("sessionId"):
+            out += f"    Session:    {inst['sessionId']}\n"
+        if inst["id"] in commands and commands[inst["id"]] != first:  # e.g. another session id
+            out += f"    Command:    {display_argv(commands[inst['id']])}\n"
         if inst.get("nextAttemptAt"):
             out += f"    Next attempt: {inst['nextAttemptAt']}\n"
         if inst.get("lastExit"):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from controller.manifests import AgentManifest, Loaded, signal_number
 from controller.model import InstanceSpec
-from controller.providers import Preset, field_env, render
+from controller.providers import Preset, field_env, render, resumes
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,8 @@ def desire(loaded: Loaded, *, presets: Mapping[str, Preset], default_env: Mappin
         "supervisor": spec.supervisor,
         "resources": spec.resources.model_dump(by_alias=True),
     }
+    if resumes(spec):  # only when set: the hash of every spec without it stays what it was
+        shaping["session"] = {"resume": True}
     digest = spec_hash(shaping)
     name = loaded.name
     instances = tuple(

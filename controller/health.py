@@ -95,11 +95,13 @@ class Health:
         snap = procfs.snapshot()  # one /proc pass for every limited instance
         for rec, limit in limited:
             assert rec.handle is not None and limit is not None
-            rss, _ = snap.usage(snap.instance_pids(rec.handle.pid, rec.handle.pgid))
-            if rss > limit * 1024 * 1024:
+            # presets: PSS of the whole tree (procfs.tree_memory), not RSS: see docs/agents.md
+            limit_bytes = int(limit * 1024 * 1024)
+            used = procfs.tree_memory(snap, snap.instance_pids(rec.handle.pid, rec.handle.pgid), limit=limit_bytes)
+            if used > limit_bytes:
                 self.controller.request_stop(
                     rec.id, ExitReason.MEMORY_LIMIT_EXCEEDED,
-                    f"resident memory {rss / 1048576:.1f} MiB over the limit of {limit:g} MiB")
+                    f"resident memory {used / 1048576:.1f} MiB over the limit of {limit:g} MiB (PSS of the tree)")
         return MEMORY_EVERY
 
     # -- liveness -------------------------------------------------------------

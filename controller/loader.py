@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.manifests import AgentManifest, Loaded as Loaded, ManifestError, ParsedDocument, parse_text
+from controller.providers import Preset, check
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_ENV_FILE_BYTES = 256 * 1024
@@ -248,7 +250,7 @@ def read_env_files(doc: ParsedDocument, base: Path, file: str,
     return env, errors
 
 
-def resolve_doc(doc: ParsedDocument, base: Path, file: str, providers: frozenset[str],
+def resolve_doc(doc: ParsedDocument, base: Path, file: str, providers: Collection[str],
                 transient: list[str] | None = None) -> tuple[Loaded | None, list[ManifestError]]:
     """Checks that need the file system or the controller's configuration."""
     spec = doc.manifest.spec
@@ -265,9 +267,23 @@ def resolve_doc(doc: ParsedDocument, base: Path, file: str, providers: frozenset
         errors.append(ManifestError(file, doc.line_of("spec", "cwd"), f"spec.cwd: {spec.cwd!r} is not a directory", name))
     env, env_errors = read_env_files(doc, base, file, transient)
     errors.extend(env_errors)
+    errors.extend(_provider_errors(doc, file, providers, env))  # presets: per-provider checks
     if errors or cwd is None:
         return None, errors
     return Loaded(doc.manifest, file, doc.line, str(cwd), tuple(sorted(env.items()))), []
+
+
+def _provider_errors(doc: ParsedDocument, file: str, providers: Collection[str],
+                     env: Mapping[str, str]) -> list[ManifestError]:
+    """presets: what the provider's CLI would refuse (providers.check), when the presets are known."""
+    spec = doc.manifest.spec
+    preset = providers.get(spec.provider) if isinstance(providers, Mapping) and spec.provider else None
+    if not isinstance(preset, Preset):
+        return []
+    as_root = os.geteuid() == 0 and {**env, **spec.env}.get("IS_SANDBOX") != "1"
+    name = doc.manifest.metadata.name
+    return [ManifestError(file, doc.line_of(*path), message, name)
+            for path, message in check(spec.provider or "", preset, spec, as_root=as_root)]
 
 
 def read_manifest_text(path: Path, display: str) -> tuple[str | None, ManifestError | None]:
@@ -296,7 +312,7 @@ class _FileEntry:
 class ManifestSource:
     """Manifest roots (directories or files), re-read incrementally: unchanged files are not parsed again."""
 
-    def __init__(self, *roots: Path | str, base_dir: Path, providers: frozenset[str],
+    def __init__(self, *roots: Path | str, base_dir: Path, providers: Collection[str],
                  allow_insecure: bool = True) -> None:
         # each root keeps the spelling it was given: errors name files "as given or found under the given path"
         self.roots: list[tuple[Path, str]] = [(Path(r), str(r)) for r in roots]

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from controller.plugins import SUPERVISORS
 
@@ -28,7 +29,10 @@ MAX_DOCUMENTS = 1000
 MAX_NODES = 100_000  # per document, counting every alias expansion
 MAX_DEPTH = 64
 # paths whose line a valid document keeps: what loader.resolve_doc and duplicate names report
-KEPT_LINES = frozenset({("spec", "cwd"), ("spec", "envFiles"), ("spec", "provider"), ("metadata", "name")})
+KEPT_LINES = frozenset({("spec", "cwd"), ("spec", "envFiles"), ("spec", "provider"), ("metadata", "name"),
+                        # provider checks of `loader` (providers.check) report these
+                        ("spec", "approvalMode"), ("spec", "effort"), ("spec", "session"), ("spec", "prompt"),
+                        ("spec", "mode")})
 
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -155,6 +159,10 @@ class Placement(Strict):
     host_labels: dict[str, str] | None = Field(None, alias="hostLabels")
 
 
+class Session(Strict):
+    resume: bool = False  # restarts continue the same conversation (CONTRACT §9)
+
+
 class AgentSpec(Strict):
     command: list[NoNulStr] | None = Field(None, min_length=1)
     provider: str | None = None
@@ -165,11 +173,14 @@ class AgentSpec(Strict):
     tags: list[str] | None = None
     capabilities: list[str] | None = None
     provider_args: list[NoNulStr] | None = Field(None, alias="providerArgs")
+    session: Session | None = None
     cwd: NoNulStr | None = None
     env: dict[Annotated[str, Field(pattern=ENV_KEY_RE)], NoNulStr] = Field(default_factory=dict)
     env_files: list[NoNulStr] = Field(default_factory=list, alias="envFiles")
     replicas: Annotated[int, Field(ge=0, le=100)] = 1
     supervisor: SupervisorKind = "process"
+    # after supervisor: its validator reads the supervisor. None: interactive under tmux, else headless
+    mode: Literal["interactive", "headless"] | None = None
     restart_policy: Literal["Always", "OnFailure", "Never"] = Field("Always", alias="restartPolicy")
     backoff: Backoff = Backoff.model_validate({})
     max_restarts: MaxRestarts | None = Field(None, alias="maxRestarts")
@@ -180,11 +191,21 @@ class AgentSpec(Strict):
     logs: Logs = Logs.model_validate({})
     placement: Placement | None = None
 
+    @field_validator("mode")
+    @classmethod
+    def _interactive_needs_tmux(cls, value: str | None, info: ValidationInfo) -> str | None:
+        supervisor = info.data.get("supervisor", "process")
+        if value == "interactive" and supervisor != "tmux":
+            raise ValueError(f"interactive mode needs a terminal: supervisor tmux, not {supervisor} "
+                             "(or mode: headless)")
+        return value
+
     @model_validator(mode="after")
     def _command_or_provider(self) -> AgentSpec:
         if self.command is None and self.provider is None:
             raise ValueError("spec needs a command (or a provider)")
-        provider_only = ("model", "prompt", "effort", "approval_mode", "tags", "capabilities", "provider_args")
+        provider_only = ("model", "prompt", "effort", "approval_mode", "tags", "capabilities", "provider_args",
+                         "mode", "session")
         stray = [f for f in provider_only if getattr(self, f) is not None]
         if stray and self.provider is None:
             alias = AgentSpec.model_fields[stray[0]].alias or stray[0]

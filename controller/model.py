@@ -124,6 +124,12 @@ class InstanceRecord:
     health_message: str = ""
     log_offset: int = 0  # size of the instance log when this run started: its exit tail starts there
     run_id: str = ""  # AGENTCTL_RUN of this run's processes: tells them from an earlier run's leftovers
+    # session.resume (CONTRACT §9): our stable id (AGENTCTL_SESSION_ID, status sessionId), kept across
+    # restarts until `restart --fresh`; the provider's own id once known (codex); whether a start used it
+    session_id: str = ""
+    provider_session_id: str = ""
+    session_started: bool = False
+    argv: tuple[str, ...] = ()  # as executed by this run, after presets and session ids (describe, plan)
 
 
 @dataclass(frozen=True)

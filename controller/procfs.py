@@ -139,6 +139,37 @@ def snapshot() -> Snapshot:
     return snap
 
 
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size (/proc/PID/smaps_rollup): shared pages split among their users.
+    None when it cannot be read (gone, kernel before 4.14, not allowed)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def tree_memory(snap: Snapshot, pids: set[int], *, limit: int = 0) -> int:
+    """What an instance costs the host: PSS summed over its processes, so that a binary shared by
+    many agents (claude's 200 MB executable) is not counted once per agent as RSS would; a
+    process whose PSS cannot be read counts with its RSS. PSS <= RSS, so while the cheap RSS
+    sum is at most `limit` it is returned instead: smaps_rollup walks page tables (~7 ms for a
+    300 MiB process on a busy box) and is read only for a tree that might be over its limit."""
+    rss, _ = snap.usage(pids)
+    if rss <= limit:
+        return rss
+    total = 0
+    for pid in pids:
+        if pid not in snap.stats:
+            continue
+        pss = pss_bytes(pid)
+        total += pss if pss is not None else snap.stats[pid].rss_pages * PAGE_SIZE
+    return total
+
+
 def live_group_members(pgid: int) -> list[int]:
     """Non-zombie processes of a group; an empty list means the group is gone."""
     if not group_exists(pgid):

@@ -25,6 +25,7 @@ from controller.gitsource import GitSource
 from controller.loader import LoadResult
 from controller.model import Forget, InstanceRecord, Kill, Plan, RunState, Start, Stop
 from controller.planner import AgentView, plan_agent
+from controller.providers import Preset
 from controller.runtime.calls import Caller, call
 from controller.runtime.executor import Executor
 from controller.runtime.exits import Exits, ExitWatcher, PidfdWatcher
@@ -133,7 +134,8 @@ class Controller:
         self.exits.in_flight = lambda instance: instance in self.executor.starting
         self.exits.on_finished.append(self._after_exit)
         self.executor: Executor = Executor(self.table, self.queue, self.exits, self.supervisors, clock=self.clock,
-                                 call=self.call, controller_id=self.controller_id, check_cwd=self._check_cwd)
+                                 call=self.call, controller_id=self.controller_id, check_cwd=self._check_cwd,
+                                 presets=self.intake.presets)
         self.executor.on_start.append(self._started)
 
     def _load(self, store: Store, *, boot: str | None) -> None:
@@ -197,6 +199,10 @@ class Controller:
         self.intake.git = value
 
     @property
+    def presets(self) -> dict[str, Preset]:
+        return self.intake.presets
+
+    @property
     def source_health(self) -> SourceHealth:
         return self.intake.source_health
 
@@ -236,10 +242,12 @@ class Controller:
     def request_stop(self, instance_id: str, reason: str, message: str) -> None:
         self.executor.request_stop(instance_id, reason, message)
 
-    def manual_restart(self, name: str) -> bool:
+    def manual_restart(self, name: str, *, fresh: bool = False) -> bool:
         if name not in self.table.agents:
             return False
         for rec in self.table.of(name).values():
+            if fresh:  # `restart --fresh` forgets the sessions: the next start picks new ids
+                self.table.put(records.sessions_forgotten(rec))
             self.executor.request_stop(rec.id, "ManualRestart", "agentctl restart")
         self.queue.mark(name)
         return True

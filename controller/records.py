@@ -142,6 +142,11 @@ def recovered(base: InstanceRecord, handle: Handle, *, spec_hash: str, run_id: s
                    killed=False, health=None, health_message="")
 
 
+def sessions_forgotten(rec: InstanceRecord) -> InstanceRecord:
+    """`agentctl restart --fresh`: the next start begins new conversations."""
+    return replace(rec, session_id="", provider_session_id="", session_started=False)
+
+
 def forgotten_handle(rec: InstanceRecord) -> InstanceRecord:
     """The recorded pid is not ours (reused, rebooted, forged): never adopted, never signalled."""
     return replace(rec, handle=None)

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from controller import status
+from controller import sessions, status
+from controller.desired import DesiredAgent
 from controller.http import WebOptions, serve
 from controller.metrics import Metrics
 from controller.gitsource import fetch_error
 from controller.model import Forget, Kill, RunState, Schedule, Start, Stop, Wait
 from controller.planner import plan_agent
+from controller.providers import display_argv
 from controller.reconciler import Controller
 from controller.settings import Settings
 from controller.storefaults import StoreError
@@ -142,6 +144,19 @@ def _line(action: object, running: bool) -> str | None:
     return f"noop {getattr(action, 'instance', '?')} {getattr(action, 'reason', '')}".rstrip()
 
 
+def _argv_line(controller: Controller, desired: DesiredAgent | None, line: str) -> list[str]:
+    """presets: under a create/restart line of a provider agent, the argv that start would run
+    (preset and session ids applied), indented so that `ACTION INSTANCE REASON` lines stay as
+    they are. A plain command agent runs its `command` as written: no extra line."""
+    verb, iid = line.split()[:2]
+    spec = next((i for i in desired.instances if i.id == iid), None) if desired else None
+    if verb not in ("create", "restart") or spec is None or desired is None or desired.spec.provider is None:
+        return []
+    spec, _ = sessions.prepare(spec, desired.spec, controller.presets, controller.instances.get(iid),
+                               log_path=controller.log_path(iid))
+    return [f"    argv: {display_argv(spec.argv)}"]
+
+
 def dry_run(settings: Settings, *, running: bool) -> list[str]:
     """`agentctl plan`: the next reconcile's actions, computed without changing anything."""
     controller = Controller(settings)
@@ -187,7 +202,10 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
         own = [f"stop {a.instance} {gone}" if isinstance(a, Forget) else line for a, line in zip(plan.actions, own)]
         for iid in adopted:
             lines.append(f"adopt {iid} ControllerRestart")
-        lines.extend(line for line in own if line and not (line.startswith("noop") and line.split()[1] in adopted))
+        for line in own:
+            if line and not (line.startswith("noop") and line.split()[1] in adopted):
+                lines.append(line)
+                lines.extend(_argv_line(controller, agent.desired, line))  # presets: the argv it would run
         if not plan.actions and not adopted:
             # opscli: a deleted agent with no process left still has its status removed: a stop
             lines.append(f"stop {name} {agent.gone_reason}" if not agent.present else

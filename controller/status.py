@@ -87,6 +87,8 @@ def _instance(rec: InstanceRecord, clock: Clock, obs: Observation | None = None)
         out["stopReason"] = rec.stop_reason
     if alive and obs is not None and obs.run == rec.started_mono:  # activity: CONTRACT §9
         out.update(status_fields(obs, iso))
+    if rec.session_id:  # presets: session.resume (CONTRACT §9)
+        out["sessionId"] = rec.session_id
     return out
 
 

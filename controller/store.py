@@ -78,6 +78,7 @@ def record_from_json(raw: str) -> InstanceRecord:
         exit_data["log_tail"] = tuple(exit_data.get("log_tail", ()))
         data["last_exit"] = ExitInfo(**exit_data)
     data["restart_times"] = tuple(data.get("restart_times", ()))
+    data["argv"] = tuple(data.get("argv", ()))
     return InstanceRecord(**data)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def consume_requests(controller: Controller, requests: Path) -> None:
     """`agentctl restart NAME` drops NAME.restart here; it is removed once acted on."""
     for path in sorted(requests.glob("*.restart")):
         name = path.stem
-        if controller.manual_restart(name):
+        if controller.manual_restart(name, fresh=_wants_fresh(path)):  # presets: restart --fresh
             log.info("%s restart requested", name)
         else:
             log.warning("restart requested for unknown agent %s", name)
@@ -143,6 +145,21 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             log.warning("file watch of %s interrupted (%r); watching again in %.2fs", target, exc, pause)
             await _pause(stop, replaced, seconds=pause)
         _manifests_changed(controller)  # whatever happened while re-aiming is read once more
+
+
+def _wants_fresh(path: Path) -> bool:
+    """presets: `restart --fresh` writes the word `fresh` in its request. Read without blocking
+    and only from a regular file (a FIFO planted there must not hang the loop)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and b"fresh" in os.read(fd, 256).split()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 async def watch_files(controller: Controller, stop: asyncio.Event) -> None:

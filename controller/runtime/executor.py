@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import signal as signals
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 
-from controller import logfiles, opsview, records
+from controller import logfiles, opsview, records, sessions
 from controller.clock import TimeSource
+from controller.providers import Preset
 from controller.model import Action, ExitReason, Finish, Forget, InstanceRecord, Kill, Schedule, Start, Stop
 from controller.runtime.calls import Caller
 from controller.runtime.exits import Exits
@@ -26,7 +28,8 @@ log = logging.getLogger("agentctl")
 class Executor:
     def __init__(self, table: AgentTable, queue: WorkQueue, exits: Exits, supervisors: dict[str, Supervisor], *,
                  clock: TimeSource, call: Caller, controller_id: str,
-                 check_cwd: Callable[[str], None] = lambda cwd: None) -> None:
+                 check_cwd: Callable[[str], None] = lambda cwd: None,
+                 presets: Mapping[str, Preset] | None = None) -> None:
         self.table = table
         self.queue = queue
         self.exits = exits
@@ -35,6 +38,7 @@ class Executor:
         self.call = call
         self.controller_id = controller_id
         self.check_cwd = check_cwd
+        self.presets: Mapping[str, Preset] = presets or {}
         self.starting: set[str] = set()  # instance ids whose supervisor start is in flight
         self.asked_while_starting: dict[str, tuple[str, str]] = {}  # instance -> (reason, message)
         self.failures = 0
@@ -67,6 +71,12 @@ class Executor:
         if counted is not None:
             self.table.count_restart(agent.name, counted)
         spec = spec.with_env(("AGENTCTL_CONTROLLER_ID", self.controller_id), ("AGENTCTL_RUN", run_id))
+        # session ids (CONTRACT §9) and the argv this start runs, kept on the record
+        taken = [r.provider_session_id for i, r in self.table.instances.items() if i != spec.id]
+        spec, session = sessions.prepare(spec, agent.desired.spec if agent.desired else None, self.presets, prev,
+                                         log_path=self.exits.log_path(spec.id), taken=taken)
+        base = replace(base, session_id=session.session_id, provider_session_id=session.provider_session_id,
+                       argv=session.argv)
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self.check_cwd(spec.cwd)
@@ -78,7 +88,7 @@ class Executor:
             return
         finally:
             self.starting.discard(spec.id)
-        self.table.put(records.running(base, handle))
+        self.table.put(replace(records.running(base, handle), session_started=bool(base.session_id)))  # then resumes
         self.exits.watch(spec.id, handle)
         self._replay_request(spec.id)
         for hook in self.on_start:

@@ -33,7 +33,8 @@ class Intake:
         self.queue = queue
         self.clock = clock
         self.presets: dict[str, Preset] = merge_presets(settings.providers)
-        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=frozenset(self.presets),
+        # the presets themselves (not just their names), so each provider's values are checked
+        self.source = ManifestSource(settings.manifests, base_dir=settings.base_dir, providers=self.presets,
                                      allow_insecure=settings.allow_insecure_manifests)
         self.git: GitSource | None = None
         if settings.git is not None:

@@ -165,6 +165,7 @@ def test_a_provider_instance_without_a_screen_reports_unknown(ctl: Controller) -
     config = write_config(ctl, claude={"executable": str(script)})
     body = yaml.safe_load(agent_yaml("headless", "claude", cwd=".", env={}))
     body["spec"]["supervisor"] = "process"
+    body["spec"]["prompt"] = "summarise the repository"  # headless mode needs one (CONTRACT §9)
     ctl.write("h.yaml", yaml.safe_dump(body))
     ctl.start("--config", str(config))
     doc = wait_activity(ctl, "headless", "Unknown", "NoScreen")

@@ -189,7 +189,7 @@ def test_provider_presets_from_the_config_build_argv_and_env(ctl: Controller) ->
         providers={"mybot": mybot_preset(mybot), "claude": {"executable": str(fake_claude)}},
     )
     ctl.apply("bot", None, provider="mybot", model="m1", env={"OVERRIDE_ME": "from-manifest"})
-    ctl.apply("claudey", None, provider="claude", model="X", approvalMode="Y", prompt="fix the bug")
+    ctl.apply("claudey", None, provider="claude", model="X", approvalMode="plan", prompt="fix the bug")
     ctl.apply("custom", [str(alt)], provider="mybot", model="m2", prompt="p q",
               providerArgs=["--verbose", "--", "x y"], tags=["a", "b"], capabilities=["c1", "c2"])
     # helpers.manifest() fills in a default command: a provider agent has none unless it says so
@@ -210,9 +210,11 @@ def test_provider_presets_from_the_config_build_argv_and_env(ctl: Controller) ->
 
     claudey = record(records, "claudey-0")
     assert claudey["argv0"] == str(fake_claude), "the config's claude executable"
-    assert claudey["args"] == ["--model", "X", "--permission-mode", "Y", "fix the bug"], "the built-in claude flags"
+    # the built-in claude flags, headless (print mode) under the process supervisor (CONTRACT §9)
+    assert claudey["args"] == ["-p", "--output-format", "stream-json", "--verbose", "--model", "X",
+                               "--permission-mode", "plan", "--", "fix the bug"], "the built-in claude flags"
     assert claudey["env"]["AGENTCTL_PROMPT"] == "fix the bug"
-    assert claudey["env"]["AGENTCTL_APPROVAL_MODE"] == "Y"
+    assert claudey["env"]["AGENTCTL_APPROVAL_MODE"] == "plan"
     assert claudey["env"]["OVERRIDE_ME"] == "from-config"
     assert "MYBOT_HEADLESS" not in claudey["env"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from controller.desired import DesiredAgent, placed_here
-from controller.providers import BUILTIN, Preset, merge_presets, render_args
+from controller.providers import Preset, merge_presets, render_args
 from tests.unit.builders import desired, manifest_yaml, parse_manifest
 
 
@@ -22,39 +22,7 @@ def claude(**spec: Any) -> DesiredAgent:
 
 # -- provider presets ----------------------------------------------------------------------
 
-def test_claude_preset_fills_every_given_field() -> None:
-    agent = claude(model="opus", approvalMode="plan", prompt="review the diff")
-    assert agent.instances[0].argv == ("claude", "--model", "opus", "--permission-mode", "plan", "review the diff")
-
-
-def test_empty_placeholder_drops_the_arg_and_the_flag_before_it() -> None:
-    assert claude(prompt="hi").instances[0].argv == ("claude", "hi")
-    assert claude(model="opus").instances[0].argv == ("claude", "--model", "opus")
-    assert claude().instances[0].argv == ("claude",)
-
-
-def test_codex_effort_is_a_config_override_dropped_with_its_flag_when_empty() -> None:
-    with_effort = desired(command=None, provider="codex", model="o3", effort="high", prompt="go")
-    assert with_effort.instances[0].argv == ("codex", "--model", "o3", "-c", "model_reasoning_effort=high", "go")
-    without = desired(command=None, provider="codex", model="o3", prompt="go")
-    assert without.instances[0].argv == ("codex", "--model", "o3", "go")
-
-
-def test_spec_command_replaces_only_the_preset_executable() -> None:
-    agent = desired(command=["/opt/wrap", "--sandbox"], provider="claude", model="opus")
-    assert agent.instances[0].argv == ("/opt/wrap", "--sandbox", "--model", "opus")
-
-
-def test_provider_args_are_appended_after_the_preset_args() -> None:
-    agent = claude(model="opus", prompt="hi", providerArgs=["--verbose", "--max-turns", "3"])
-    assert agent.instances[0].argv[-4:] == ("hi", "--verbose", "--max-turns", "3")
-
-
-def test_config_preset_is_merged_over_the_built_in_of_the_same_name() -> None:
-    presets = merge_presets({"claude": {"executable": "/opt/bin/claude"}})
-    assert presets["claude"].args == BUILTIN["claude"].args
-    assert claude(presets=presets, model="opus").instances[0].argv == ("/opt/bin/claude", "--model", "opus")
-    assert presets["codex"] == BUILTIN["codex"]
+# argv of the built-in claude and codex presets: tests/unit/test_providers.py
 
 
 def test_config_can_define_a_new_preset_with_its_own_env() -> None:

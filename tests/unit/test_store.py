@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 import subprocess
@@ -410,3 +411,30 @@ def test_a_reader_of_a_store_locked_away_gets_none_not_an_error(
         assert [e.message for e in ro.events("reviewer")] == ["before the lock"]
     finally:
         ro.close()
+
+
+# -- session ids (session.resume): kept in the record ------------------------------------------
+def test_records_from_before_session_ids_load_and_a_session_id_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE instances (id TEXT PRIMARY KEY, agent TEXT NOT NULL, data TEXT NOT NULL);")
+    raw = json.loads(store_module.record_to_json(FULL))
+    for key in ("session_id", "provider_session_id", "session_started", "argv"):  # written before they existed
+        raw.pop(key)
+    old.execute("INSERT INTO instances VALUES (?, ?, ?)", (FULL.id, FULL.agent, json.dumps(raw)))
+    old.commit()
+    old.close()
+    ro = open_readonly(tmp_path)
+    assert ro is not None and [r.id for r in ro.instances()] == [FULL.id], "read-only, before the migration"
+    ro.close()
+    s = Store(path)
+    assert [r.id for r in s.instances()] == [FULL.id] and s.instances()[0].session_id == ""
+    s.put_instance(replace(FULL, session_id="3f0f1e1c-1111-4222-8333-444455556666", session_started=True,
+                           argv=("claude", "--resume", "3f0f1e1c-1111-4222-8333-444455556666")))
+    s.commit()
+    s.close()
+    again = Store(path)
+    rec = again.instances()[0]
+    assert (rec.session_id, rec.session_started) == ("3f0f1e1c-1111-4222-8333-444455556666", True)
+    assert rec.argv == ("claude", "--resume", "3f0f1e1c-1111-4222-8333-444455556666")
+    again.close()
