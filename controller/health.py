@@ -42,6 +42,35 @@ class ProbeState:
     last_output: str = ""
 
 
+LogSignature = tuple[int, int, int]  # (inode, size, mtime in ns) of an instance log
+
+
+@dataclass
+class IdleClock:
+    """When each instance's log last changed, on the monotonic clock (CONTRACT §11 "Time").
+
+    The log's mtime is only compared with itself, never with a clock: a wall-clock step
+    moves neither side of the subtraction. Pure: every time is given by the caller."""
+
+    _seen: dict[str, tuple[float, LogSignature | None, float]] = field(default_factory=dict)  # id -> (run, sig, since)
+
+    def silent_for(self, key: str, *, run: float, seen: LogSignature | None, size_at_start: int, now: float) -> float:
+        before = self._seen.get(key)
+        if before is None or before[0] != run:
+            # first look at this run: output since its start (the log grew) counts as "just now",
+            # a log that did not grow has been silent since the run started
+            grew = seen is not None and seen[1] != size_at_start
+            since = now if grew else min(run, now)
+        else:
+            since = before[2] if seen == before[1] else now
+        self._seen[key] = (run, seen, since)
+        return max(0.0, now - since)
+
+    def forget_all_but(self, keys: set[str]) -> None:
+        for key in [k for k in self._seen if k not in keys]:
+            del self._seen[key]
+
+
 @dataclass
 class Health:
     controller: Controller
@@ -50,6 +79,7 @@ class Health:
     _next_rotate: dict[str, float] = field(default_factory=dict)  # instance -> when to look at its log again
     _last_size: dict[str, tuple[int, float]] = field(default_factory=dict)  # instance -> (size, when)
     next_memory: float = float("-inf")
+    idle: IdleClock = field(default_factory=IdleClock)
     # set by a finished probe: its result may call for the next one sooner than any timer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -68,6 +98,7 @@ class Health:
         ids = {r.id for r in live}
         for gone in [k for k in self.probes if k not in ids]:
             self.probes.pop(gone)  # a probe still in flight finds its run over and does nothing
+        self.idle.forget_all_but(ids)
         return max(MIN_WAIT, min(waits))
 
     def _spec(self, rec: InstanceRecord) -> AgentSpec | None:
@@ -143,7 +174,7 @@ class Health:
                 continue
             probe = spec.liveness
             if probe.log_idle_seconds is not None:
-                wait = min(wait, self._log_idle(rec, probe.log_idle_seconds))
+                wait = min(wait, self._log_idle(rec, probe.log_idle_seconds, now))
                 continue
             state = self.probes.get(rec.id)
             if state is None or state.started != rec.started_mono:
@@ -157,13 +188,15 @@ class Health:
             wait = min(wait, state.next_at - now)
         return wait
 
-    def _log_idle(self, rec: InstanceRecord, idle: float) -> float:
+    def _log_idle(self, rec: InstanceRecord, idle: float, now: float) -> float:
+        """Seconds of silence on the monotonic clock: a wall-clock step (or an mtime set by
+        hand) changes nothing, only a change of the log's size, mtime or inode counts as output."""
         try:
-            mtime = os.stat(self.controller.log_path(rec.id)).st_mtime
+            st = os.stat(self.controller.log_path(rec.id))
+            seen: LogSignature | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
-            mtime = 0.0
-        # output written before this run started does not count for it
-        silent = time.time() - max(mtime, rec.started_at)
+            seen = None
+        silent = self.idle.silent_for(rec.id, run=rec.started_mono, seen=seen, size_at_start=rec.log_offset, now=now)
         if silent >= idle:
             self.controller.request_stop(rec.id, ExitReason.LIVENESS_FAILED,
                                          f"logIdle: no output for {silent:.1f}s (logIdleSeconds {idle:g})")
