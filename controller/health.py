@@ -16,9 +16,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from controller import logfiles, procfs
+from controller import cgroups, logfiles, procfs, redact
 from controller.manifests import AgentSpec, Liveness
-from controller.model import ExitReason, InstanceRecord, InstanceSpec, RunState
+from controller.model import ExitReason, Handle, InstanceRecord, InstanceSpec, RunState
 from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
@@ -158,7 +158,7 @@ class Health:
         snap = procfs.snapshot()  # one /proc pass for every limited instance
         for rec, limit in limited:
             assert rec.handle is not None and limit is not None
-            rss, _ = snap.usage(snap.instance_pids(rec.handle.pid, rec.handle.pgid))
+            rss = instance_memory(snap, rec.handle)
             if rss > limit * 1024 * 1024:
                 self.controller.request_stop(
                     rec.id, ExitReason.MEMORY_LIMIT_EXCEEDED,
@@ -239,13 +239,29 @@ class Health:
             return True, ""
         # the instance's own environment, marker of this controller included
         env = {**spawn_env(inst), "AGENTCTL_CONTROLLER_ID": self.controller.controller_id}
-        return await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
+        ok, output = await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
+        # the output goes to lastExit.message and events: never an env value there (CONTRACT §11)
+        return ok, redact.redact_text(output, redact.secret_values(inst.env))
 
     async def cancel(self) -> None:
         tasks = [s.running for s in self.probes.values() if s.running is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def instance_memory(snap: procfs.Snapshot, handle: Handle) -> int:
+    """Bytes the instance uses: its cgroup's memory.current when the kernel keeps it for us,
+    else resident memory summed over its group, its tree and (with a cgroup) every member."""
+    if handle.cgroup:
+        exact = cgroups.memory_bytes(handle.cgroup)
+        if exact is not None:
+            return exact
+    pids = snap.instance_pids(handle.pid, handle.pgid)
+    if handle.cgroup:
+        pids |= set(cgroups.live_pids(handle.cgroup))
+    rss, _ = snap.usage(pids)
+    return rss
 
 
 async def exec_probe(argv: list[str], *, cwd: str, env: dict[str, str], timeout: float) -> tuple[bool, str]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from controller import logfiles, procfs
+from controller import logfiles, procfs, redact
 from controller.desired import DesiredAgent, desire, placed_here
 from controller.gitsource import GitSource
 from controller.loader import Loaded, LoadResult, ManifestSource, resolve_doc
@@ -128,6 +128,7 @@ class Controller:
         self.starting: set[str] = set()  # instance ids whose supervisor start is in flight
         self.pidfds: dict[str, int] = {}
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
+        self.run_secrets: dict[str, tuple[str, ...]] = {}  # adapters: env values of each instance's current run
         self.action_failures = 0
         self.write_errors = 0  # store and status writes that failed (disk full, read-only...)
         self.state_error: str | None = None
@@ -531,6 +532,7 @@ class Controller:
         run_id = os.urandom(6).hex()
         base = replace(base, run_id=run_id)
         spec = replace(spec, env=spec.env + (("AGENTCTL_CONTROLLER_ID", self.controller_id), ("AGENTCTL_RUN", run_id)))
+        self.run_secrets[spec.id] = redact.secret_values(spec.env)  # adapters: for redacting this run's log tail
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self._check_cwd(spec.cwd)
@@ -701,6 +703,10 @@ class Controller:
         now = time.time()
         reason = str(self._exit_reason(rec, status))
         tail = tuple(logfiles.tail_lines(self.log_path(instance_id), LOG_TAIL_LINES, since=rec.log_offset))
+        # adapters: the tail never shows a value of the env this run was given, nor of the current spec's
+        agent_now = self.agents.get(rec.agent)
+        tail = redact.redact_lines(tail, (*self.run_secrets.pop(instance_id, ()), *redact.instance_secrets(
+            agent_now.desired.instances if agent_now and agent_now.desired else (), rec.index)))
         info = ExitInfo(status.code, status.signal, now, max(0.0, now - rec.started_at), reason, tail,
                         rec.health_message if rec.stop_reason == rec.health else "")
         self.put(replace(rec, state=RunState.EXITED, handle=None, last_exit=info, stop_reason=None,

@@ -15,7 +15,7 @@ import signal as signals
 import time
 from dataclasses import replace
 
-from controller import procfs
+from controller import cgroups, procfs
 from controller.model import Handle, InstanceRecord, RunState
 from controller.reconciler import AgentState, Controller
 from controller.supervisors.base import ExitStatus
@@ -111,12 +111,13 @@ def recover_unrecorded(ctl: Controller) -> None:
             log.warning("%s orphaned process pid %d: killing it", instance or "?", m.pid)
             ctl.event(m.agent, instance, "OrphanKilled", "Recovered", f"pid {m.pid}")
             _kill(m.pid)
+    prune_cgroups(ctl)  # adapters: cgroups of runs that died while no controller ran
 
 
 def _adopt_marked(ctl: Controller, m: procfs.Marked, rec: InstanceRecord | None) -> None:
     index = int(m.instance.rsplit("-", 1)[1]) if m.instance.rsplit("-", 1)[-1].isdigit() else 0
     started = time.time() - (time.monotonic() - _mono_start(m.stat.start_ticks))
-    handle = Handle(pid=m.pid, pgid=m.pid, start_ticks=m.stat.start_ticks)
+    handle = Handle(pid=m.pid, pgid=m.pid, start_ticks=m.stat.start_ticks, cgroup=m.cgroup)  # adapters: cgroup
     base = rec or InstanceRecord(id=m.instance, agent=m.agent, index=index, supervisor="process",
                                  spec_hash=m.spec_hash, state=RunState.RUNNING)
     ctl.put(InstanceRecord(**{**base.__dict__, "state": RunState.RUNNING, "handle": handle,
@@ -154,6 +155,13 @@ def sweep_orphans(ctl: Controller, marked: list[procfs.Marked] | None = None) ->
         log.warning("%s orphaned process pid %d (escaped its process group): killing it", m.instance, m.pid)
         ctl.event(m.agent, m.instance, "OrphanKilled", "Sweep", f"pid {m.pid}")
         _kill(m.pid)
+    prune_cgroups(ctl)  # adapters: the emptied cgroups of runs that are over go too
+
+
+def prune_cgroups(ctl: Controller) -> None:
+    """adapters: remove empty instance cgroups that no live record or in-flight start uses."""
+    keep = {r.handle.cgroup for r in ctl.instances.values() if r.handle is not None and r.handle.cgroup}
+    cgroups.prune(ctl.controller_id, keep=keep, starting=set(ctl.starting))
 
 
 def _kill(pid: int) -> None:

@@ -1,19 +1,33 @@
-"""The `process` adapter: each instance is a direct child, leader of its own process group.
+"""The `process` adapter: each instance is a direct child, leader of its own process group,
+in its own cgroup where the host allows one (else tracked by process group and marker env).
 
-argv is exec'd without a shell; output is appended to the instance log. Exit codes are
-known for children of this controller; an adopted process's exit code is not (reason Lost).
+argv is exec'd without a shell; env is given to execve, never on a command line; output is
+appended to the instance log. Exit codes are known for children of this controller; an
+adopted process's exit code is not (reason Lost).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from controller import procfs
+from controller import cgroups, procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import Context, ExitStatus, SupervisorError, group_alive, signal_group
+from controller.supervisors.base import (
+    Context,
+    ExitStatus,
+    SupervisorError,
+    group_alive,
+    release_cgroup,
+    run_id,
+    signal_group,
+)
+
+log = logging.getLogger("agentctl")
 
 
 def spawn_env(spec: InstanceSpec) -> dict[str, str]:
@@ -28,12 +42,24 @@ def open_log(log_path: Path) -> int:
     return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
+def joiner(cgroup: Path) -> tuple[int, Callable[[], None]]:
+    """An fd on the cgroup's cgroup.procs and the preexec function that moves the child into it:
+    the child joins between fork and exec, before the command can fork anything (no race)."""
+    fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    return fd, lambda: _join(fd)
+
+
+def _join(fd: int) -> None:
+    os.write(fd, b"0")  # "0": the writing process itself
+
+
 class ProcessSupervisor:
     kind: ClassVar[str] = "process"
     blocking: ClassVar[bool] = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.cgroups = cgroups.Cgroups(ctx.controller_id)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._devnull: int | None = None  # one fd for every child's stdin, not an open() per spawn
 
@@ -41,7 +67,18 @@ class ProcessSupervisor:
         return None
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
+        cgroup = self.cgroups.create(spec.id, run_id(spec), spec.spec_hash)
+        if cgroup is not None:
+            try:
+                return self._spawn(spec, log_path, cgroup)
+            except subprocess.SubprocessError as exc:  # the join failed in the child: no cgroup then
+                log.warning("%s: cannot join cgroup %s (%s): tracking by process group", spec.id, cgroup, exc)
+                cgroups.remove(cgroup)
+        return self._spawn(spec, log_path, None)
+
+    def _spawn(self, spec: InstanceSpec, log_path: Path, cgroup: Path | None) -> Handle:
         fd = open_log(log_path)
+        join_fd, preexec = joiner(cgroup) if cgroup is not None else (None, None)
         try:
             child = subprocess.Popen(  # noqa: S603 - argv, never a shell
                 list(spec.argv),
@@ -52,17 +89,22 @@ class ProcessSupervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=preexec,  # noqa: PLW1509 - one write(2) after fork, see joiner()
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a bad env name slipped through
+            if cgroup is not None:
+                cgroups.remove(cgroup)
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise SupervisorError(f"cannot start {spec.argv[0]!r}: {message}", retryable=False) from exc
         finally:
             os.close(fd)
+            if join_fd is not None:
+                os.close(join_fd)
         self._children[child.pid] = child
         ticks = procfs.start_ticks(child.pid)
         if ticks is None:  # exited and was reaped already: cannot happen before wait(), keep a sane value
             ticks = 0
-        return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks)
+        return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks, cgroup=str(cgroup or ""))
 
     def _stdin(self) -> int:
         if self._devnull is None:
@@ -90,6 +132,7 @@ class ProcessSupervisor:
 
     def cleanup(self, handle: Handle) -> None:
         self._reap(handle.pid)
+        release_cgroup(handle)
 
     def _reap(self, pid: int) -> None:
         child = self._children.get(pid)

@@ -18,7 +18,7 @@ import pytest
 from controller.model import Handle, InstanceSpec
 from controller.supervisors.base import Context, ExitStatus, SupervisorError
 from controller.supervisors.process import ProcessSupervisor
-from tests.helpers import kill_group, pid_alive, reap, wait_for
+from tests.helpers import kill_group, pid_alive, reap, remove_cgroups, wait_for
 
 SLEEP = "import time\nwhile True: time.sleep(1)"
 DEADLINE = 20.0
@@ -67,15 +67,18 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    made = Rig(tmp_path, ProcessSupervisor(Context(tmp_path, "test-process")))
+    cid = f"test-process-{os.urandom(3).hex()}"  # its own cgroup subtree, whatever runs beside it
+    made = Rig(tmp_path, ProcessSupervisor(Context(tmp_path, cid)))
     yield made
     for handle in made.handles:
         kill_group(handle.pgid)
+        made.adapter.signal(handle, signal.SIGKILL)  # the cgroup too, when it has one
         # let the adapter's own Popen reap its child (no zombie, no ResourceWarning)
         wait_for(lambda: not made.adapter.alive(handle), DEADLINE, message=f"group {handle.pgid} killed")  # noqa: B023
         made.adapter.exit_status(handle)
     for pid in made.strays:
         reap(pid)
+    remove_cgroups(cid)
 
 
 def test_start_appends_stdout_and_stderr_to_the_log(rig: Rig) -> None:
