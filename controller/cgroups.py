@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import signal as signals
+import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,13 @@ log = logging.getLogger("agentctl.cgroups")
 SWITCH = "AGENTCTL_CGROUPS"  # "off" disables cgroup tracking (tests use it to check the fallback)
 PREFIX = "agentctl-"
 KILL_ROUNDS = 20  # without cgroup.kill (kernel < 5.14): kill what is listed, a bounded number of times
+SH = "/bin/sh"
+# The trampoline in front of a `process` instance: the child moves itself into the cgroup, then
+# execs argv ("$@", never parsed by the shell). The move runs in the child, after the controller's
+# cheap vfork: its cost (an RCU grace period in the kernel) never holds up the reconcile loop, and
+# nothing the command forks can be born outside the cgroup.
+JOIN_SCRIPT = 'echo 0 > "$1/cgroup.procs" || exit 126; shift; exec "$@"'
+JOIN_FAILED = 126
 # <instance>.<run>.<spec hash with ':' as '_'>: everything recovery needs without reading environ
 NAME_RE = re.compile(r"^(?P<instance>[a-z0-9][-a-z0-9]*)\.(?P<run>[0-9a-f]*)\.(?P<hash>[A-Za-z0-9_]*)$")
 
@@ -47,6 +56,11 @@ def parse_leaf(name: str) -> tuple[str, str, str] | None:
     if match is None:
         return None
     return match["instance"], match["run"], match["hash"].replace("_", ":", 1)
+
+
+def join_argv(cgroup: Path | str, argv: Sequence[str]) -> list[str]:
+    """argv run inside `cgroup` from its first instruction; argv's words are passed, not parsed."""
+    return [SH, "-c", JOIN_SCRIPT, "agentctl-join", str(cgroup), *argv]
 
 
 def v2_mount(mountinfo: str) -> tuple[str, str] | None:
@@ -214,6 +228,22 @@ def prune(controller_id: str, *, keep: set[str], starting: set[str]) -> None:
             remove(leaf)
 
 
+def _probe_join(base: Path) -> str | None:
+    """Can a child of ours move itself into a cgroup here? (write access to our own cgroup's
+    cgroup.procs is needed as well: the common ancestor of both). Tried once, for real."""
+    probe = base / f"probe.{os.getpid()}"
+    try:
+        probe.mkdir(exist_ok=True)
+        done = subprocess.run(join_argv(probe, ["true"]), capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot run {SH}: {exc}"
+    finally:
+        remove(probe)
+    if done.returncode != 0:
+        return f"a child cannot join a cgroup under {base}: {done.stderr.strip() or done.returncode}"
+    return None
+
+
 class Cgroups:
     """The adapters' handle on this controller's cgroup subtree; made once per adapter."""
 
@@ -244,6 +274,9 @@ class Cgroups:
             return f"cannot create {base}: {exc.strerror or exc}"
         if not os.access(base / "cgroup.procs", os.W_OK):
             return f"{base}/cgroup.procs is not writable"
+        problem = _probe_join(base)
+        if problem:
+            return problem
         # memory.current per instance, where the parent offers the memory controller to us
         _write(base / "cgroup.subtree_control", "+memory")
         self._base = base

@@ -8,6 +8,7 @@ branches on the adapter kind; the planner never sees an adapter at all.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,12 @@ def release_cgroup(handle: Handle) -> None:
     """Once nothing of the instance lives: its cgroup goes (a busy one stays for the sweep)."""
     if handle.cgroup:
         cgroups.remove(handle.cgroup)
+
+
+def find_executable(argv0: str, *, cwd: str, path: str) -> str | None:
+    """Where execvp would find argv0 when run in cwd with PATH=path."""
+    candidate = os.path.join(cwd, argv0) if os.sep in argv0 else argv0
+    return shutil.which(candidate, path=path)
 
 
 def run_id(spec: InstanceSpec) -> str:

@@ -1,5 +1,6 @@
 """The `process` adapter: each instance is a direct child, leader of its own process group,
-in its own cgroup where the host allows one (else tracked by process group and marker env).
+in its own cgroup where the host allows one (else tracked by process group and marker env):
+the child joins it through a /bin/sh trampoline before it execs argv.
 
 argv is exec'd without a shell; env is given to execve, never on a command line; output is
 appended to the instance log. Exit codes are known for children of this controller; an
@@ -8,10 +9,8 @@ adopted process's exit code is not (reason Lost).
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,13 +20,12 @@ from controller.supervisors.base import (
     Context,
     ExitStatus,
     SupervisorError,
+    find_executable,
     group_alive,
     release_cgroup,
     run_id,
     signal_group,
 )
-
-log = logging.getLogger("agentctl")
 
 
 def spawn_env(spec: InstanceSpec) -> dict[str, str]:
@@ -40,17 +38,6 @@ def spawn_env(spec: InstanceSpec) -> dict[str, str]:
 def open_log(log_path: Path) -> int:
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-
-
-def joiner(cgroup: Path) -> tuple[int, Callable[[], None]]:
-    """An fd on the cgroup's cgroup.procs and the preexec function that moves the child into it:
-    the child joins between fork and exec, before the command can fork anything (no race)."""
-    fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-    return fd, lambda: _join(fd)
-
-
-def _join(fd: int) -> None:
-    os.write(fd, b"0")  # "0": the writing process itself
 
 
 class ProcessSupervisor:
@@ -68,20 +55,17 @@ class ProcessSupervisor:
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         cgroup = self.cgroups.create(spec.id, run_id(spec), spec.spec_hash)
+        argv = list(spec.argv)
         if cgroup is not None:
-            try:
-                return self._spawn(spec, log_path, cgroup)
-            except subprocess.SubprocessError as exc:  # the join failed in the child: no cgroup then
-                log.warning("%s: cannot join cgroup %s (%s): tracking by process group", spec.id, cgroup, exc)
+            # the trampoline would report a missing command only as exit 127: check it here
+            if find_executable(spec.argv[0], cwd=spec.cwd, path=spawn_env(spec).get("PATH", os.defpath)) is None:
                 cgroups.remove(cgroup)
-        return self._spawn(spec, log_path, None)
-
-    def _spawn(self, spec: InstanceSpec, log_path: Path, cgroup: Path | None) -> Handle:
+                raise SupervisorError(f"cannot start {spec.argv[0]!r}: not found or not executable", retryable=False)
+            argv = cgroups.join_argv(cgroup, spec.argv)
         fd = open_log(log_path)
-        join_fd, preexec = joiner(cgroup) if cgroup is not None else (None, None)
         try:
-            child = subprocess.Popen(  # noqa: S603 - argv, never a shell
-                list(spec.argv),
+            child = subprocess.Popen(  # noqa: S603 - argv, never a shell (the trampoline only execs "$@")
+                argv,
                 cwd=spec.cwd,
                 env=spawn_env(spec),
                 stdin=self._stdin(),
@@ -89,7 +73,6 @@ class ProcessSupervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=preexec,  # noqa: PLW1509 - one write(2) after fork, see joiner()
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a bad env name slipped through
             if cgroup is not None:
@@ -98,8 +81,6 @@ class ProcessSupervisor:
             raise SupervisorError(f"cannot start {spec.argv[0]!r}: {message}", retryable=False) from exc
         finally:
             os.close(fd)
-            if join_fd is not None:
-                os.close(join_fd)
         self._children[child.pid] = child
         ticks = procfs.start_ticks(child.pid)
         if ticks is None:  # exited and was reaped already: cannot happen before wait(), keep a sane value

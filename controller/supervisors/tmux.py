@@ -27,6 +27,7 @@ from controller.supervisors.base import (
     Context,
     ExitStatus,
     SupervisorError,
+    find_executable,
     group_alive,
     joined,
     release_cgroup,
@@ -174,12 +175,6 @@ def client_env(path: str | None = None) -> dict[str, str]:
     env = {key: os.environ[key] for key in CLIENT_VARS if key in os.environ}
     env["PATH"] = path if path is not None else os.environ.get("PATH", os.defpath)
     return env
-
-
-def find_executable(argv0: str, *, cwd: str, path: str) -> str | None:
-    """Where execvp would find argv0 when run in cwd with PATH=path."""
-    candidate = os.path.join(cwd, argv0) if os.sep in argv0 else argv0
-    return shutil.which(candidate, path=path)
 
 
 # -- effects: running tmux ------------------------------------------------------------
