@@ -280,8 +280,64 @@ def test_a_helper_left_behind_by_an_exited_leader_is_killed_with_its_run(ctl: Co
     wait_for(lambda: reap_dead(helper), DEADLINE, message="the helper of the finished run killed")
 
 
-def test_a_non_dumpable_agent_is_stopped_and_never_duplicated_after_a_store_loss(ctl: Controller) -> None:
+class DelegatedController(Controller):
+    """`agentctl run` as root without any capability, started inside a cgroup handed to it (as
+    systemd's Delegate=yes does): like a controller that is not root, it may create cgroups only
+    in that subtree, and cannot read /proc/PID/environ of a non-dumpable process."""
+
+    def __init__(self, root: Path, delegated: Path) -> None:
+        super().__init__(root)
+        self.delegated = delegated
+
+    def args(self, *extra: str) -> list[str]:
+        setpriv = shutil.which("setpriv")
+        assert setpriv is not None
+        join = ['/bin/sh', '-c', 'echo 0 > "$1/cgroup.procs" && shift && exec "$@"', "join", str(self.delegated)]
+        return [*join, setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *super().args(*extra)]
+
+    def members(self, instance: str) -> list[int]:
+        base = self.delegated / f"{cgroups.PREFIX}{self.controller_id()}"
+        leaves = [p for p in base.iterdir() if p.is_dir() and p.name.startswith(instance + ".")]
+        return [pid for leaf in leaves for pid in cgroups.live_pids(leaf)]
+
+    def cleanup(self) -> None:
+        """Everything that ever ran in the delegated subtree (the controller too) dies by cgroup.kill."""
+        super().cleanup()
+        leaves = sorted((p for p in self.delegated.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        for cg in [*leaves, self.delegated]:
+            pids = cgroups.procs(cg)
+            cgroups.signal(cg, signal.SIGKILL)
+            for pid in pids:
+                wait_for(lambda pid=pid: reap_dead(pid), 10, message=f"{pid} in {cg} gone")  # type: ignore[misc]
+            cgroups.remove(cg)
+
+
+def environ_readable_without_caps(pid: int) -> bool:
+    probe = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", "cat", f"/proc/{pid}/environ"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
+
+
+def delegated_subtree() -> Path:
+    """A fresh cgroup beside ours that only a process inside it (uid 0, no capability) may extend."""
+    base = cgroups.base_dir(f"probe-{os.getpid()}")
+    assert base is not None
+    path = base.parent / f"agentctl-test-delegated-{os.urandom(3).hex()}"
+    path.mkdir()
+    return path
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")
+def test_a_non_dumpable_agent_is_stopped_and_never_duplicated_after_a_store_loss(
+        controller_factory: Any) -> None:
     needs_cgroups()
+    ctl = DelegatedController(controller_factory("delegated").root, delegated_subtree())
+    try:
+        non_dumpable_agent_survives_a_store_loss(ctl)
+    finally:
+        ctl.cleanup()
+
+
+def non_dumpable_agent_survives_a_store_loss(ctl: DelegatedController) -> None:
     hidden = py("""
         import ctypes, os, time
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: /proc/PID/environ closed to others
@@ -294,6 +350,8 @@ def test_a_non_dumpable_agent_is_stopped_and_never_duplicated_after_a_store_loss
     first = instance(ctl.wait_phase("hidden", "Running", DEADLINE))
     wait_log(ctl, "hidden-0", "hidden ", DEADLINE)
     assert first["tracking"] == "cgroup"
+    assert ctl.members("hidden-0") == [first["pid"]]
+    assert not environ_readable_without_caps(first["pid"]), "the marker env is out of the controller's reach"
     ctl.kill()
     for suffix in ("", "-wal", "-shm"):
         (ctl.state / f"state.db{suffix}").unlink(missing_ok=True)
@@ -301,10 +359,7 @@ def test_a_non_dumpable_agent_is_stopped_and_never_duplicated_after_a_store_loss
     doc = ctl.wait_status("hidden", lambda d: d["phase"] == "Running" and instance(d)["pid"] is not None, DEADLINE)
     assert instance(doc)["pid"] == first["pid"], "recovered, not started again"
     assert instance(doc)["tracking"] == "cgroup"
-    cid = ctl.controller_id()
-    assert cid is not None
-    members = [m for m in cgroups.members(cid) if m.instance == "hidden-0"]
-    assert [m.pid for m in members] == [first["pid"]], "exactly one process of the instance"
+    assert ctl.members("hidden-0") == [first["pid"]], "exactly one process of the instance"
     ctl.delete("hidden.yaml")
     wait_for(lambda: ctl.status("hidden") is None, DEADLINE, message="hidden removed")
     wait_for(lambda: reap_dead(first["pid"]), DEADLINE, message="the non-dumpable agent stopped")
