@@ -178,9 +178,18 @@ def _write(path: Path, text: str) -> bool:
 
 
 def memory_bytes(cgroup: Path | str) -> int | None:
-    """memory.current when the memory controller is enabled for our cgroups, else None."""
+    """The run's working set when the memory controller is enabled for our cgroups, else None:
+    memory.current minus inactive file cache (as kubelet counts it), so a log the agent wrote,
+    still cached, is not taken for memory it holds."""
     text = _read(Path(cgroup) / "memory.current")
-    return int(text) if text and text.strip().isdigit() else None
+    if not text or not text.strip().isdigit():
+        return None
+    inactive = 0
+    for line in (_read(Path(cgroup) / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "inactive_file" and value.strip().isdigit():
+            inactive = int(value)
+    return max(0, int(text) - inactive)
 
 
 def remove(cgroup: Path | str) -> bool:

@@ -62,3 +62,13 @@ def test_switch_off_disables_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:
     assert cgroups.base_dir("c1") is None
     assert cgroups.Cgroups("c1").create("a-0", "ab", "h") is None
     assert cgroups.members("c1") == []
+
+
+def test_memory_is_the_working_set_without_inactive_file_cache(tmp_path: Path) -> None:
+    (tmp_path / "memory.current").write_text("104857600\n")
+    (tmp_path / "memory.stat").write_text("anon 52428800\nfile 52428800\ninactive_file 41943040\n")
+    assert cgroups.memory_bytes(tmp_path) == 104857600 - 41943040
+
+
+def test_no_memory_controller_means_no_figure(tmp_path: Path) -> None:
+    assert cgroups.memory_bytes(tmp_path) is None
