@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from controller.model import ExitInfo, ExitReason, Phase
+from controller.model import ExitInfo, ExitReason, Handle, Phase
 from controller.planner import PhaseView
 from controller.status import Clock, StatusInput, StatusWriter, read_all, read_status, render
 from tests.unit.builders import desired, exited, running, stopping
@@ -213,3 +213,12 @@ def test_unreadable_status_file_reads_as_missing(tmp_path: Path) -> None:
     assert read_status(tmp_path, "broken") is None and read_status(tmp_path, "list") is None
     assert read_status(tmp_path, "missing") is None
     assert read_all(tmp_path) == []
+
+
+def test_each_instance_says_how_its_processes_are_tracked() -> None:
+    first, second = AGENT.instances
+    cg = running(first, handle=Handle(pid=7, pgid=7, start_ticks=1, cgroup="/sys/fs/cgroup/agentctl-c/x"))
+    doc = render(status_input(instances=[cg, running(second)]), at(0), None)
+    assert [i["tracking"] for i in doc["instances"]] == ["cgroup", "process-group"]
+    gone = render(status_input(instances=[exited(first), exited(second)]), at(0), None)
+    assert [i["tracking"] for i in gone["instances"]] == [None, None]
