@@ -81,7 +81,7 @@ class CmdlineWatch:
                 if any(n in raw for n in self.needles):
                     self.hits.append((int(name), raw))
             self.scans += 1
-            self._stop.wait(0.001)  # a breath for the other engineers' tests on this box
+            self._stop.wait(0.002)  # a breath for the other tests on this shared box
 
 
 def tmux_shim(bin_dir: Path, record: Path) -> None:
@@ -217,6 +217,25 @@ def test_log_tails_in_status_api_and_describe_show_redacted_env_values(ctl: Cont
     assert not any(s in described.stdout for s in SECRETS)
     # `agentctl logs` shows the user's own log file as written (documented): not redacted
     assert FILE_SECRET in ctl.cli("logs", "leaky").stdout
+
+
+def test_exec_probe_output_in_last_exit_and_events_is_redacted(ctl: Controller) -> None:
+    config = write_secret_inputs(ctl)
+    probe = py("""
+        import os, sys
+        print("probe sees", os.environ["FILE_PASSWORD"], "and", os.environ["CONFIG_TOKEN"])
+        sys.exit(1)
+    """)
+    sleeper = py("import time\nwhile True: time.sleep(1)")
+    ctl.apply("probed", sleeper, envFiles=["secrets/agent.env"], restartPolicy="Never",
+              liveness={"exec": probe, "periodSeconds": 0.2, "failureThreshold": 1})
+    ctl.start("--config", str(config))
+    doc = ctl.wait_status("probed", lambda d: bool(instance(d).get("lastExit")), DEADLINE, "probe failure recorded")
+    message = instance(doc)["lastExit"]["message"]
+    assert "probe sees [REDACTED] and [REDACTED]" in message, message
+    described = ctl.cli("describe", "probed").stdout
+    assert "LivenessFailed" in described and not any(s in described for s in SECRETS)
+    assert not any(s in json.dumps(doc) for s in SECRETS)
 
 
 # -- cgroups ------------------------------------------------------------------------------
