@@ -40,6 +40,17 @@ def open_log(log_path: Path) -> int:
     return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
+def plain_exec_format(path: str) -> bool:
+    """An ELF binary or a #! script: what execve runs itself. Anything else (no #!, or a
+    binfmt_misc format) is left to a direct execve, never to the trampoline's shell."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"#!") or head == b"\x7fELF"
+
+
 class ProcessSupervisor:
     kind: ClassVar[str] = "process"
     blocking: ClassVar[bool] = False
@@ -58,10 +69,15 @@ class ProcessSupervisor:
         argv = list(spec.argv)
         if cgroup is not None:
             # the trampoline would report a missing command only as exit 127: check it here
-            if find_executable(spec.argv[0], cwd=spec.cwd, path=spawn_env(spec).get("PATH", os.defpath)) is None:
+            exe = find_executable(spec.argv[0], cwd=spec.cwd, path=spawn_env(spec).get("PATH", os.defpath))
+            if exe is None:
                 cgroups.remove(cgroup)
                 raise SupervisorError(f"cannot start {spec.argv[0]!r}: not found or not executable", retryable=False)
-            argv = cgroups.join_argv(cgroup, spec.argv)
+            if plain_exec_format(exe):
+                argv = cgroups.join_argv(cgroup, spec.argv)
+            else:  # a shell would run it as a script: exec it directly, as before, and track its group
+                cgroups.remove(cgroup)
+                cgroup = None
         fd = open_log(log_path)
         try:
             child = subprocess.Popen(  # noqa: S603 - argv, never a shell (the trampoline only execs "$@")

@@ -279,3 +279,13 @@ def test_with_cgroups_off_the_instance_is_tracked_by_its_group(rig: Rig, monkeyp
         adapter.signal(handle, signal.SIGKILL)
         wait_for(lambda: not adapter.alive(handle), DEADLINE, message="killed by its group")
         assert adapter.exit_status(handle) == ExitStatus(None, signal.SIGKILL)
+
+
+@needs_cgroups
+def test_an_executable_without_shebang_is_not_run_by_a_shell(rig: Rig, tmp_path: Path) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_text("echo ran-by-a-shell\n")
+    script.chmod(0o755)
+    with pytest.raises(SupervisorError, match="Exec format error"):
+        rig.adapter.start(rig.spec([str(script)]), rig.log)
+    assert "ran-by-a-shell" not in rig.output()
