@@ -257,10 +257,7 @@ def instance_memory(snap: procfs.Snapshot, handle: Handle) -> int:
         exact = cgroups.memory_bytes(handle.cgroup)
         if exact is not None:
             return exact
-    pids = snap.instance_pids(handle.pid, handle.pgid)
-    if handle.cgroup:
-        pids |= set(cgroups.live_pids(handle.cgroup))
-    rss, _ = snap.usage(pids)
+    rss, _ = snap.usage(snap.instance_pids(handle.pid, handle.pgid, handle.cgroup))
     return rss
 
 

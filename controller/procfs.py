@@ -116,9 +116,13 @@ class Snapshot:
                 todo.extend(self.children.get(pid, ()))
         return out
 
-    def instance_pids(self, pid: int, pgid: int) -> set[int]:
-        """Every process of an instance: its process group plus the leader's descendants."""
-        return set(self.group(pgid)) | set(self.tree(pid))
+    def instance_pids(self, pid: int, pgid: int, cgroup: str = "") -> set[int]:
+        """Every process of an instance: its process group plus the leader's descendants, plus
+        (with a cgroup) every live member of its cgroup, setsid escapees included."""
+        pids = set(self.group(pgid)) | set(self.tree(pid))
+        if cgroup:
+            pids |= {p for p in cgroups.procs(cgroup) if p in self.stats}
+        return pids
 
     def usage(self, pids: set[int]) -> tuple[int, float]:
         """(resident bytes, cpu seconds) summed over pids."""
