@@ -156,16 +156,36 @@ def signal(cgroup: Path | str, sig: int) -> None:
     path = Path(cgroup)
     if sig == signals.SIGKILL and _write(path / "cgroup.kill", "1"):
         return
-    rounds = KILL_ROUNDS if sig == signals.SIGKILL else 1
-    for _ in range(rounds):
-        pids = procs(path)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+    if sig == signals.SIGKILL:
+        freeze_and_kill(path)
+        return
+    _signal_listed(path, sig)
+
+
+def _signal_listed(path: Path, sig: int) -> bool:
+    """sig to each process listed now; False when none was listed."""
+    pids = procs(path)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return bool(pids)
+
+
+def freeze_and_kill(path: Path) -> None:
+    """Without cgroup.kill (kernel < 5.14): freeze the cgroup so nothing in it can fork, SIGKILL
+    what is listed (a frozen process still dies of SIGKILL), thaw. Bounded rounds, no sleeping:
+    the freeze is asked for and the kill follows; a fork that raced the freeze is caught by the
+    next round."""
+    frozen = _write(path / "cgroup.freeze", "1")
+    try:
+        for _ in range(KILL_ROUNDS):
+            if not _signal_listed(path, signals.SIGKILL):
+                return
+    finally:
+        if frozen:
+            _write(path / "cgroup.freeze", "0")
 
 
 def _write(path: Path, text: str) -> bool:

@@ -289,3 +289,18 @@ def test_an_executable_without_shebang_is_not_run_by_a_shell(rig: Rig, tmp_path:
     with pytest.raises(SupervisorError, match="Exec format error"):
         rig.adapter.start(rig.spec([str(script)]), rig.log)
     assert "ran-by-a-shell" not in rig.output()
+
+
+@needs_cgroups
+def test_freeze_and_kill_ends_a_forking_instance_without_cgroup_kill(rig: Rig) -> None:
+    """The path for kernels without cgroup.kill, run here on purpose."""
+    forker = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(300)\n    time.sleep(0.05)\n"
+    handle = rig.start(forker)
+    wait_for(lambda: len(cgroups.procs(handle.cgroup)) >= 3, DEADLINE, message="a few children forked")
+    members = cgroups.procs(handle.cgroup)
+    rig.strays.extend(members)
+    cgroups.freeze_and_kill(Path(handle.cgroup))
+    wait_for(lambda: not cgroups.live_pids(handle.cgroup), DEADLINE, message="every member killed")
+    for pid in members:
+        reap(pid)
+    assert (Path(handle.cgroup) / "cgroup.freeze").read_text().strip() == "0", "thawed again"
