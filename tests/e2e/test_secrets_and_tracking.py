@@ -284,6 +284,24 @@ def test_a_setsid_env_i_helper_is_killed_when_its_agent_is_deleted(ctl: Controll
     wait_for(lambda: not [p for p in base.iterdir() if p.is_dir()], DEADLINE, message="its cgroup removed")
 
 
+def test_an_adopted_instance_keeps_its_cgroup_and_its_escapee_still_dies_with_it(
+        ctl: Controller, strays: list[int]) -> None:
+    needs_cgroups()
+    pid_file = ctl.root / "helper.pid"
+    ctl.apply("escaper", escaper(pid_file))
+    ctl.start()
+    first = instance(ctl.wait_phase("escaper", "Running", DEADLINE))
+    helper = helper_pid(pid_file, strays)
+    ctl.kill()  # the store keeps the handle, cgroup included
+    ctl.start()
+    doc = ctl.wait_status("escaper", lambda d: instance(d)["pid"] == first["pid"] and d["phase"] == "Running",
+                          DEADLINE, "escaper adopted")
+    assert instance(doc)["tracking"] == "cgroup" and doc["restarts"] == 0
+    ctl.delete("escaper.yaml")
+    wait_for(lambda: ctl.status("escaper") is None, DEADLINE, message="escaper removed")
+    wait_for(lambda: reap_dead(helper), DEADLINE, message="the adopted instance's escapee killed")
+
+
 def test_a_helper_left_behind_by_an_exited_leader_is_killed_with_its_run(ctl: Controller, strays: list[int]) -> None:
     needs_cgroups()
     pid_file = ctl.root / "helper.pid"
