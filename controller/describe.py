@@ -10,22 +10,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from controller import opsview
+from controller import opsview, redact
 from controller.providers import display_argv
-from controller.store import open_readonly
+from controller.store import Store, open_readonly
 
 
 def _kv(label: str, value: object) -> str:
     return f"{label + ':':<16}{value}\n"
 
 
-def _exit(e: dict[str, Any]) -> str:
+def _exit(e: dict[str, Any], secrets: tuple[str, ...] = ()) -> str:
     how = opsview.exit_how(e.get("exitCode"), e.get("signal"))
     out = f"    Last exit:  {e.get('reason')} ({how}) at {e.get('at')} after {e.get('runtimeSeconds')}s\n"
     if e.get("message"):
         out += f"    Message:    {e['message']}\n"
     tail = e.get("logTail") or []
     if tail:
+        # adapters: env values never shown, also in a tail recorded before redaction existed
+        tail = redact.redact_lines((str(line) for line in tail), secrets)
         out += "    Log tail:\n" + "".join(f"      | {line}\n" for line in tail)
     return out
 
@@ -74,6 +76,12 @@ def _commands(state_dir: Path, name: str) -> dict[str, tuple[str, ...]]:
         store.close()
 
 
+def _secrets(store: Store, name: str) -> tuple[str, ...]:
+    """Env values of the agent's stored spec (envFile values were redacted when the tail was recorded)."""
+    row = store.agents().get(name)
+    return redact.manifest_secrets(row.manifest if row is not None else None)
+
+
 def describe(doc: dict[str, Any], state_dir: Path) -> str:
     commands = _commands(state_dir, doc["name"])
     out = _kv("Name", doc.get("name"))
@@ -97,6 +105,8 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
         msg = f"  {c.get('message')}" if c.get("message") else ""
         out += f"  {c['type']:<12} {c['status']:<6} {c.get('reason', '')}{msg}  (since {c.get('lastTransitionTime')})\n"
     out += "Instances:\n"
+    store = open_readonly(state_dir)
+    secrets = _secrets(store, doc["name"]) if store else ()
     for inst in doc.get("instances") or []:
         where = f" on {inst['host']}" if inst.get("host") else ""  # fleet: the host it runs on (§10)
         out += f"  {inst['id']}{where}: {inst.get('state')} pid {inst.get('pid') or '-'}"
@@ -107,12 +117,13 @@ def describe(doc: dict[str, Any], state_dir: Path) -> str:
             out += f"    Session:    {inst['sessionId']}\n"
         if inst["id"] in commands and commands[inst["id"]] != first:  # e.g. another session id
             out += f"    Command:    {display_argv(commands[inst['id']])}\n"
+        if inst.get("tracking"):  # adapters: cgroup or process-group
+            out += f"    Tracking:   {inst['tracking']}\n"
         if inst.get("nextAttemptAt"):
             out += f"    Next attempt: {inst['nextAttemptAt']}\n"
         if inst.get("lastExit"):
-            out += _exit(inst["lastExit"])
+            out += _exit(inst["lastExit"], secrets)
     out += "Events:\n"
-    store = open_readonly(state_dir)
     events = store.events(doc["name"], 20) if store else []
     if not events:
         out += "  <none>\n"

@@ -16,11 +16,11 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from controller import logfiles, procfs
+from controller import cgroups, logfiles, procfs, redact
 from controller.activity_sampler import ActivitySampler
 from controller.logrotate import rotation_loop
 from controller.manifests import AgentSpec, Liveness
-from controller.model import ExitReason, InstanceRecord, InstanceSpec, RunState
+from controller.model import ExitReason, Handle, InstanceRecord, InstanceSpec, RunState
 from controller.reconciler import Controller
 from controller.supervisors.process import spawn_env
 
@@ -42,11 +42,41 @@ class ProbeState:
     last_output: str = ""
 
 
+LogSignature = tuple[int, int, int]  # (inode, size, mtime in ns) of an instance log
+
+
+@dataclass
+class IdleClock:
+    """When each instance's log last changed, on the monotonic clock (CONTRACT §11 "Time").
+
+    The log's mtime is only compared with itself, never with a clock: a wall-clock step
+    moves neither side of the subtraction. Pure: every time is given by the caller."""
+
+    _seen: dict[str, tuple[float, LogSignature | None, float]] = field(default_factory=dict)  # id -> (run, sig, since)
+
+    def silent_for(self, key: str, *, run: float, seen: LogSignature | None, size_at_start: int, now: float) -> float:
+        before = self._seen.get(key)
+        if before is None or before[0] != run:
+            # first look at this run: output since its start (the log grew) counts as "just now",
+            # a log that did not grow has been silent since the run started
+            grew = seen is not None and seen[1] != size_at_start
+            since = now if grew else min(run, now)
+        else:
+            since = before[2] if seen == before[1] else now
+        self._seen[key] = (run, seen, since)
+        return max(0.0, now - since)
+
+    def forget_all_but(self, keys: set[str]) -> None:
+        for key in [k for k in self._seen if k not in keys]:
+            del self._seen[key]
+
+
 @dataclass
 class Health:
     controller: Controller
     probes: dict[str, ProbeState] = field(default_factory=dict)
     next_memory: float = float("-inf")
+    idle: IdleClock = field(default_factory=IdleClock)
     # set by a finished probe: its result may call for the next one sooner than any timer
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     activity: ActivitySampler = field(init=False)  # activity: screen sampling of provider instances
@@ -67,6 +97,7 @@ class Health:
         ids = {r.id for r in live}
         for gone in [k for k in self.probes if k not in ids]:
             self.probes.pop(gone)  # a probe still in flight finds its run over and does nothing
+        self.idle.forget_all_but(ids)
         return max(MIN_WAIT, min(waits))
 
     def _spec(self, rec: InstanceRecord) -> AgentSpec | None:
@@ -95,13 +126,14 @@ class Health:
         snap = procfs.snapshot()  # one /proc pass for every limited instance
         for rec, limit in limited:
             assert rec.handle is not None and limit is not None
-            # presets: PSS of the whole tree (procfs.tree_memory), not RSS: see docs/agents.md
+            # the cgroup's working set where the kernel keeps one, else PSS of the whole tree, not RSS
+            # (shared pages of the CLIs' binaries would count once per agent): see docs/agents.md
             limit_bytes = int(limit * 1024 * 1024)
-            used = procfs.tree_memory(snap, snap.instance_pids(rec.handle.pid, rec.handle.pgid), limit=limit_bytes)
+            used = instance_memory(snap, rec.handle, limit=limit_bytes)
             if used > limit_bytes:
                 self.controller.request_stop(
                     rec.id, ExitReason.MEMORY_LIMIT_EXCEEDED,
-                    f"resident memory {used / 1048576:.1f} MiB over the limit of {limit:g} MiB (PSS of the tree)")
+                    f"resident memory {used / 1048576:.1f} MiB over the limit of {limit:g} MiB")
         return MEMORY_EVERY
 
     # -- liveness -------------------------------------------------------------
@@ -113,7 +145,7 @@ class Health:
                 continue
             probe = spec.liveness
             if probe.log_idle_seconds is not None:
-                wait = min(wait, self._log_idle(rec, probe.log_idle_seconds))
+                wait = min(wait, self._log_idle(rec, probe.log_idle_seconds, now))
                 continue
             state = self.probes.get(rec.id)
             if state is None or state.started != rec.started_mono:
@@ -127,16 +159,21 @@ class Health:
             wait = min(wait, state.next_at - now)
         return wait
 
-    def _log_idle(self, rec: InstanceRecord, idle: float) -> float:
+    def _log_idle(self, rec: InstanceRecord, idle: float, now: float) -> float:
+        """Seconds of silence on the monotonic clock: a wall-clock step (or an mtime set by
+        hand) changes nothing, only a change of the log's size, mtime or inode counts as output."""
         try:
-            mtime = os.stat(self.controller.log_path(rec.id)).st_mtime
+            st = os.stat(self.controller.log_path(rec.id))
+            seen: LogSignature | None = (st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError:
-            mtime = 0.0
-        # output written before this run started does not count for it
-        last = self.activity.last_output(rec, max(mtime, rec.started_at), time.time())
-        if last is None:  # activity: Idle or WaitingForInput is never idle-killed; looked at again next sample
-            return MAX_PERIOD
-        silent = time.time() - last
+            seen = None
+        silent = self.idle.silent_for(rec.id, run=rec.started_mono, seen=seen, size_at_start=rec.log_offset, now=now)
+        # a provider session Idle or WaitingForInput is never idle-killed (CONTRACT §9); for a sampled
+        # screen, only a change beyond counters and spinners counts as output
+        last = self.activity.last_output(rec, now - silent, now)
+        if last is None:
+            return MAX_PERIOD  # looked at again next sample
+        silent = now - last
         if silent >= idle:
             self.controller.request_stop(rec.id, ExitReason.LIVENESS_FAILED,
                                          f"logIdle: no output for {silent:.1f}s (logIdleSeconds {idle:g})")
@@ -179,7 +216,9 @@ class Health:
             return True, ""
         # the instance's own environment, marker of this controller included
         env = {**spawn_env(inst), "AGENTCTL_CONTROLLER_ID": self.controller.controller_id}
-        return await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
+        ok, output = await exec_probe(argv, cwd=inst.cwd, env=env, timeout=timeout)
+        # the output goes to lastExit.message and events: never an env value there (CONTRACT §11)
+        return ok, redact.redact_text(output, redact.secret_values(inst.env))
 
     async def cancel(self) -> None:
         await self.activity.cancel()  # activity: captures in flight
@@ -187,6 +226,21 @@ class Health:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def instance_memory(snap: procfs.Snapshot, handle: Handle, *, limit: int | None = None) -> int:
+    """Bytes the instance uses: its cgroup's memory.current when the kernel keeps it for us,
+    else resident memory summed over its group, its tree and (with a cgroup) every member;
+    against a limit, the proportional set size once the resident memory is over it."""
+    if handle.cgroup:
+        exact = cgroups.memory_bytes(handle.cgroup)
+        if exact is not None:
+            return exact
+    pids = snap.instance_pids(handle.pid, handle.pgid, handle.cgroup)
+    if limit is not None:
+        return procfs.tree_memory(snap, pids, limit=limit)
+    rss, _ = snap.usage(pids)
+    return rss
 
 
 async def exec_probe(argv: list[str], *, cwd: str, env: dict[str, str], timeout: float) -> tuple[bool, str]:

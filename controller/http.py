@@ -72,6 +72,7 @@ class WebOptions:
     state_dir: Path | None = None  # tokens/ and state.db; None: no token can be redeemed
     allowed_hosts: tuple[str, ...] = ()  # --http-allowed-hosts
     screen: Callable[[Handle], str] | None = None  # the current screen of a live tmux instance
+    secrets: Callable[[str], tuple[str, ...]] | None = None  # agent -> its env values, redacted from lines (§11)
 
 
 def _json(code: int, data: Any) -> Response:
@@ -157,7 +158,7 @@ class App:
         self.own_hosts = own_hosts
         self.cookie = access.cookie_name(port)
         self.sessions = access.Sessions()
-        self.pages = Pages(web.state_dir, web.screen)
+        self.pages = Pages(web.state_dir, web.screen, web.secrets)
 
     def __call__(self, sock: socket.socket, head: bytes, addr: tuple[str, int]) -> None:
         sock.setblocking(True)

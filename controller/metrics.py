@@ -93,7 +93,7 @@ class Usage:
         rss: dict[str, int] = {}
         seen: dict[tuple[int, int], tuple[str, float]] = {}
         for agent, handle in handles.values():
-            for pid in snap.instance_pids(handle.pid, handle.pgid):
+            for pid in snap.instance_pids(handle.pid, handle.pgid, handle.cgroup):  # adapters: cgroup members too
                 stat = snap.stats.get(pid)
                 if stat is None:
                     continue

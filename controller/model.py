@@ -62,6 +62,7 @@ class Handle:
     pgid: int
     start_ticks: int  # /proc/<pid>/stat field 22: tells a reused pid apart
     unit: str = ""  # tmux session or systemd unit name; empty for plain processes
+    cgroup: str = ""  # adapters: the instance's own cgroup (CONTRACT §11); empty: tracked by process group
 
 
 @dataclass(frozen=True)

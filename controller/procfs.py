@@ -10,6 +10,8 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from controller import cgroups
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -114,9 +116,13 @@ class Snapshot:
                 todo.extend(self.children.get(pid, ()))
         return out
 
-    def instance_pids(self, pid: int, pgid: int) -> set[int]:
-        """Every process of an instance: its process group plus the leader's descendants."""
-        return set(self.group(pgid)) | set(self.tree(pid))
+    def instance_pids(self, pid: int, pgid: int, cgroup: str = "") -> set[int]:
+        """Every process of an instance: its process group plus the leader's descendants, plus
+        (with a cgroup) every live member of its cgroup, setsid escapees included."""
+        pids = set(self.group(pgid)) | set(self.tree(pid))
+        if cgroup:
+            pids |= {p for p in cgroups.procs(cgroup) if p in self.stats}
+        return pids
 
     def usage(self, pids: set[int]) -> tuple[int, float]:
         """(resident bytes, cpu seconds) summed over pids."""
@@ -201,10 +207,25 @@ class Marked:
     agent: str
     spec_hash: str
     run: str = ""
+    cgroup: str = ""  # the instance cgroup it was found in, if any
 
 
 def marked_processes(controller_id: str) -> list[Marked]:
-    """Every live process started (directly or not) by instances of this controller."""
+    """Every live process started (directly or not) by instances of this controller: those in
+    its instance cgroups (found without reading environ: `env -i`, non-dumpable) and those that
+    carry its marker env. What a cgroup says wins over what a process's own env claims."""
+    found = {m.pid: m for m in _by_marker(controller_id)}
+    for member in cgroups.members(controller_id):
+        stat = read_stat(member.pid)
+        if stat is None or stat.state in ("Z", "X"):
+            continue
+        agent = member.instance.rsplit("-", 1)[0]
+        found[member.pid] = Marked(member.pid, stat, member.instance, agent, member.spec_hash, member.run,
+                                   member.cgroup)
+    return list(found.values())
+
+
+def _by_marker(controller_id: str) -> list[Marked]:
     needle = f"AGENTCTL_CONTROLLER_ID={controller_id}".encode()
     found = []
     for name in os.listdir("/proc"):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from controller import opsrequests, records
+from controller import opsrequests, records, redact
 from controller.activity import Observation
 from controller.clock import SystemClock, TimeSource
 from controller.desired import DesiredAgent
@@ -131,12 +131,12 @@ class Controller:
                            call=self.call, watcher=self._watcher, log_dir=self.settings.log_dir,
                            controller_id=self.controller_id, **self._exits_options)
         self.exits.locks = self.locks
-        self.exits.in_flight = lambda instance: instance in self.executor.starting
         self.exits.on_finished.append(self._after_exit)
         self.executor: Executor = Executor(self.table, self.queue, self.exits, self.supervisors, clock=self.clock,
                                  call=self.call, controller_id=self.controller_id, check_cwd=self._check_cwd,
                                  presets=self.intake.presets)
         self.executor.on_start.append(self._started)
+        self.exits.starting = self.executor.starting  # one set: the sweep spares what is being started
 
     def _load(self, store: Store, *, boot: str | None) -> None:
         self.table.counters = store.counters()
@@ -229,6 +229,14 @@ class Controller:
 
     def event(self, agent: str, instance: str | None, kind: str, reason: str, message: str) -> None:
         self.table.event(agent, instance, kind, reason, message)
+
+    def secrets_of(self, name: str) -> tuple[str, ...]:
+        """The env values an agent's instances run with, for pages that show its lines (redacted).
+        Read from the HTTP thread: one dict lookup of a frozen value."""
+        agent = self.table.agents.get(name)
+        if agent is None or agent.desired is None:
+            return ()
+        return redact.secret_values([pair for inst in agent.desired.instances for pair in inst.env])
 
     def log_path(self, instance_id: str) -> Path:
         return self.exits.log_path(instance_id)

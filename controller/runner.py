@@ -58,7 +58,7 @@ def run_controller(settings: Settings, host: str, port: int) -> int:
     try:
         # http: the status page reads tokens/events/logs under the state dir and tmux screens
         web = WebOptions(settings.state_dir, settings.http_allowed_hosts,
-                         screen_reader(settings.state_dir, controller.controller_id))
+                         screen_reader(settings.state_dir, controller.controller_id), controller.secrets_of)
         server = serve(host, port, lambda: controller.snapshot, metrics, web)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)

@@ -71,7 +71,13 @@ def _exit(rec: InstanceRecord) -> dict[str, Any] | None:
     return out
 
 
+def tracking(rec: InstanceRecord) -> str:
+    """`cgroup` when the instance has its own cgroup, else `process-group` (group + marker env)."""
+    return "cgroup" if rec.handle is not None and rec.handle.cgroup else "process-group"
+
+
 def _instance(rec: InstanceRecord, clock: Clock, obs: Observation | None = None) -> dict[str, Any]:
+
     alive = rec.state != RunState.EXITED and rec.handle is not None
     out: dict[str, Any] = {
         "id": rec.id,
@@ -80,6 +86,8 @@ def _instance(rec: InstanceRecord, clock: Clock, obs: Observation | None = None)
         "startedAt": iso(rec.started_at) if alive else None,
         "restarts": rec.restarts,
         "lastExit": _exit(rec),
+        # adapters: how the instance's processes are found and stopped (CONTRACT §11)
+        "tracking": tracking(rec) if alive else None,
     }
     if rec.state == RunState.EXITED and rec.next_start is not None and rec.terminal is None:
         out["nextAttemptAt"] = iso(clock.to_wall(rec.next_start))

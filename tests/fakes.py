@@ -296,6 +296,9 @@ class FakeHost:
     def in_tmux_pane(self, marked: procfs.Marked) -> bool:
         return False
 
+    def prune_cgroups(self, controller_id: str, *, keep: set[str], starting: set[str]) -> None:
+        pass
+
     def kill(self, pid: int) -> None:
         proc = self.world.processes.get(pid)
         if proc is not None:

@@ -110,6 +110,25 @@ def reap(pid: int) -> None:
         pass
 
 
+def remove_cgroups(controller_id: str) -> None:
+    """Kill what is left in this controller's instance cgroups (cgroup.kill) and remove them."""
+    from controller import cgroups
+
+    base = cgroups.base_dir(controller_id)
+    if base is None or not base.is_dir():
+        return
+    for leaf in [p for p in base.iterdir() if p.is_dir()]:
+        pids = cgroups.procs(leaf)
+        cgroups.signal(leaf, signal.SIGKILL)
+        for pid in pids:
+            reap(pid)
+        wait_for(lambda: not cgroups.procs(leaf), 10, message=f"{leaf} empty")  # noqa: B023
+        for pid in pids:
+            reap(pid)
+        cgroups.remove(leaf)
+    cgroups.remove(base)
+
+
 class Controller:
     """`agentctl run` as a subprocess against temp dirs, like a user would start it."""
 
@@ -247,6 +266,7 @@ class Controller:
         for pgid in self.pgids:
             kill_group(pgid)
         if cid:
+            remove_cgroups(cid)
             for _ in range(3):
                 pids = marked_pids(cid)
                 if not pids:

@@ -12,7 +12,7 @@ import signal as signals
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
-from controller import logfiles, opsview, records, sessions
+from controller import logfiles, opsview, records, redact, sessions
 from controller.clock import TimeSource
 from controller.providers import Preset
 from controller.model import Action, ExitReason, Finish, Forget, InstanceRecord, Kill, Schedule, Start, Stop
@@ -77,6 +77,7 @@ class Executor:
                                          log_path=self.exits.log_path(spec.id), taken=taken)
         base = replace(base, session_id=session.session_id, provider_session_id=session.provider_session_id,
                        argv=session.argv)
+        self.exits.run_secrets[spec.id] = redact.secret_values(spec.env)  # for redacting this run's log tail
         self.starting.add(spec.id)  # holds its --max-agents slot while the start is in flight
         try:
             self.check_cwd(spec.cwd)

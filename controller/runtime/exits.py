@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller import logfiles, opsview, procfs, records
+from controller import logfiles, opsview, procfs, records, redact
 from controller.clock import TimeSource
 from controller.model import Handle, InstanceRecord, RunState
 from controller.runtime.calls import Caller
@@ -84,10 +84,11 @@ class Exits:
         self.later = later or (lambda delay, fn: asyncio.get_running_loop().call_later(delay, fn))
         self.offload = offload
         self.remnants: dict[str, ExitStatus] = {}  # leader gone, group members still alive
+        self.run_secrets: dict[str, tuple[str, ...]] = {}  # env values of each instance's current run
         self.tasks: set[asyncio.Task[None]] = set()
         self.background: set[asyncio.Task[None]] = set()  # sweeps: not part of quiet()
         self.locks: dict[str, asyncio.Lock] = {}  # shared with the loop: one per agent
-        self.in_flight: Callable[[str], bool] = lambda instance: False  # a start of it is under way
+        self.starting: set[str] = set()  # instance ids whose start is under way (the executor's own set)
         self.on_finished: list[Callable[[InstanceRecord], None]] = []
         self.stopping = False
         self._sweep_handle: Any = None  # what `later` returned: has cancel()
@@ -168,6 +169,10 @@ class Exits:
         if sup is not None and rec.handle is not None:
             await self.call(sup, sup.cleanup, rec.handle)
         tail = tuple(logfiles.tail_lines(self.log_path(instance_id), LOG_TAIL_LINES, since=rec.log_offset))
+        # the tail never shows a value of the env this run was given, nor of the current spec's (§11)
+        agent_now = self.table.agents.get(rec.agent)
+        tail = redact.redact_lines(tail, (*self.run_secrets.pop(instance_id, ()), *redact.instance_secrets(
+            agent_now.desired.instances if agent_now and agent_now.desired else (), rec.index)))
         done = records.exited(rec, code, sig, mono=self.clock.monotonic(), wall=self.clock.wall(), tail=tail)
         self.table.put(done)
         if code is not None:
@@ -218,7 +223,7 @@ class Exits:
             rec = live.get(m.instance)
             if rec is not None and (not rec.run_id or not m.run or m.run == rec.run_id):
                 continue  # a process of the instance's current run (records from before run ids: all spared)
-            if m.instance in self.remnants or self.in_flight(m.instance):
+            if m.instance in self.remnants or m.instance in self.starting:
                 deferred = True  # its start is under way (in a worker thread): the record is not written yet
                 continue
             log.warning("%s orphaned process pid %d (escaped its process group): killing it", m.instance, m.pid)
@@ -226,6 +231,12 @@ class Exits:
             self.host.kill(m.pid)
         if deferred:
             self.request_sweep()  # what was spared for now is looked at again, never forgotten
+        self.prune_cgroups()  # the emptied cgroups of runs that are over go too
+
+    def prune_cgroups(self) -> None:
+        """Empty instance cgroups that no live record or in-flight start uses are removed."""
+        keep = {r.handle.cgroup for r in self.table.instances.values() if r.handle is not None and r.handle.cgroup}
+        self.host.prune_cgroups(self.controller_id, keep=keep, starting=set(self.starting))
 
     def close(self) -> None:
         self.stopping = True
@@ -300,13 +311,14 @@ class Exits:
                 log.warning("%s orphaned process pid %d: killing it", instance or "?", m.pid)
                 self.table.event(m.agent, instance, "OrphanKilled", "Recovered", f"pid {m.pid}")
                 self.host.kill(m.pid)
+        self.prune_cgroups()  # cgroups of runs that died while no controller ran
 
     def _adopt_marked(self, m: procfs.Marked, rec: InstanceRecord | None) -> None:
         tail = m.instance.rsplit("-", 1)[-1]
         index = int(tail) if tail.isdigit() else 0
         started_mono = m.stat.start_ticks / procfs.CLK_TCK  # both count from boot
         started_wall = self.clock.wall() - (self.clock.monotonic() - started_mono)
-        handle = Handle(pid=m.pid, pgid=m.pid, start_ticks=m.stat.start_ticks)
+        handle = Handle(pid=m.pid, pgid=m.pid, start_ticks=m.stat.start_ticks, cgroup=m.cgroup)
         base = rec or InstanceRecord(id=m.instance, agent=m.agent, index=index, supervisor="process",
                                      spec_hash=m.spec_hash, state=RunState.RUNNING)
         self.table.put(records.recovered(base, handle, spec_hash=m.spec_hash, run_id=m.run,

@@ -10,7 +10,7 @@ import os
 import signal
 from typing import Protocol
 
-from controller import procfs
+from controller import cgroups, procfs
 
 
 class Host(Protocol):
@@ -34,6 +34,9 @@ class Host(Protocol):
 
     def kill(self, pid: int) -> None:
         """SIGKILL to one process (a leftover no instance owns)."""
+
+    def prune_cgroups(self, controller_id: str, *, keep: set[str], starting: set[str]) -> None:
+        """Remove the empty instance cgroups of runs that are over."""
 
 
 class ProcHost:
@@ -63,3 +66,6 @@ class ProcHost:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def prune_cgroups(self, controller_id: str, *, keep: set[str], starting: set[str]) -> None:
+        cgroups.prune(controller_id, keep=keep, starting=starting)

@@ -8,13 +8,14 @@ branches on the adapter kind; the planner never sees an adapter at all.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from controller import procfs
+from controller import cgroups, procfs
 from controller.model import Handle, InstanceSpec
 
 
@@ -74,7 +75,10 @@ class Supervisor(Protocol):
 
 
 def signal_group(handle: Handle, sig: int) -> None:
-    """sig to the instance's process group, and to its leader if it left that group (setpgid)."""
+    """sig to the instance's process group, and to its leader if it left that group (setpgid),
+    and to every process of its cgroup (setsid escapees included) when it has one."""
+    if handle.cgroup:
+        cgroups.signal(handle.cgroup, sig)
     try:
         os.killpg(handle.pgid, sig)
     except ProcessLookupError:
@@ -87,8 +91,37 @@ def signal_group(handle: Handle, sig: int) -> None:
 
 
 def group_alive(handle: Handle) -> bool:
-    """The leader (same start time) or any non-zombie member of its group still runs."""
-    return procfs.is_live(handle.pid, handle.start_ticks) or bool(procfs.live_group_members(handle.pgid))
+    """The leader (same start time), any non-zombie member of its group, or (with a cgroup) any
+    process of its cgroup still runs: an instance is never reported gone while a process lives."""
+    if procfs.is_live(handle.pid, handle.start_ticks) or bool(procfs.live_group_members(handle.pgid)):
+        return True
+    return bool(handle.cgroup) and bool(cgroups.live_pids(handle.cgroup))
+
+
+def release_cgroup(handle: Handle) -> None:
+    """Once nothing of the instance lives: its cgroup goes (a busy one stays for the sweep)."""
+    if handle.cgroup:
+        cgroups.remove(handle.cgroup)
+
+
+def find_executable(argv0: str, *, cwd: str, path: str) -> str | None:
+    """Where execvp would find argv0 when run in cwd with PATH=path."""
+    candidate = os.path.join(cwd, argv0) if os.sep in argv0 else argv0
+    return shutil.which(candidate, path=path)
+
+
+def run_id(spec: InstanceSpec) -> str:
+    """AGENTCTL_RUN, set by the reconciler for each start; names the run's cgroup."""
+    return dict(spec.env).get("AGENTCTL_RUN", "") or os.urandom(6).hex()
+
+
+def joined(handle: Handle) -> Handle:
+    """The handle as it really is: a cgroup the main process did not get into is not claimed."""
+    if handle.cgroup and not cgroups.contains(handle.cgroup, handle.pid) \
+            and procfs.is_live(handle.pid, handle.start_ticks):
+        cgroups.remove(handle.cgroup)
+        return Handle(handle.pid, handle.pgid, handle.start_ticks, handle.unit)
+    return handle
 
 
 class CachedCheck:

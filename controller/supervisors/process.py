@@ -1,7 +1,10 @@
-"""The `process` adapter: each instance is a direct child, leader of its own process group.
+"""The `process` adapter: each instance is a direct child, leader of its own process group,
+in its own cgroup where the host allows one (else tracked by process group and marker env):
+the child joins it through a /bin/sh trampoline before it execs argv.
 
-argv is exec'd without a shell; output is appended to the instance log. Exit codes are
-known for children of this controller; an adopted process's exit code is not (reason Lost).
+argv is exec'd without a shell; env is given to execve, never on a command line; output is
+appended to the instance log. Exit codes are known for children of this controller; an
+adopted process's exit code is not (reason Lost).
 """
 
 from __future__ import annotations
@@ -12,9 +15,18 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from controller import procfs
+from controller import cgroups, procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import Context, ExitStatus, SupervisorError, group_alive, signal_group
+from controller.supervisors.base import (
+    Context,
+    ExitStatus,
+    SupervisorError,
+    find_executable,
+    group_alive,
+    release_cgroup,
+    run_id,
+    signal_group,
+)
 
 
 _FINAL_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR, errno.EISDIR, errno.ELOOP,
@@ -33,12 +45,24 @@ def open_log(log_path: Path) -> int:
     return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
+def plain_exec_format(path: str) -> bool:
+    """An ELF binary or a #! script: what execve runs itself. Anything else (no #!, or a
+    binfmt_misc format) is left to a direct execve, never to the trampoline's shell."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return head.startswith(b"#!") or head == b"\x7fELF"
+
+
 class ProcessSupervisor:
     kind: ClassVar[str] = "process"
     blocking: ClassVar[bool] = False
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.cgroups = cgroups.Cgroups(ctx.controller_id)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._devnull: int | None = None  # one fd for every child's stdin, not an open() per spawn
 
@@ -46,10 +70,23 @@ class ProcessSupervisor:
         return None
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
+        cgroup = self.cgroups.create(spec.id, run_id(spec), spec.spec_hash)
+        argv = list(spec.argv)
+        if cgroup is not None:
+            # the trampoline would report a missing command only as exit 127: check it here
+            exe = find_executable(spec.argv[0], cwd=spec.cwd, path=spawn_env(spec).get("PATH", os.defpath))
+            if exe is None:
+                cgroups.remove(cgroup)
+                raise SupervisorError(f"cannot start {spec.argv[0]!r}: not found or not executable", retryable=False)
+            if plain_exec_format(exe):
+                argv = cgroups.join_argv(cgroup, spec.argv)
+            else:  # a shell would run it as a script: exec it directly, as before, and track its group
+                cgroups.remove(cgroup)
+                cgroup = None
         fd = open_log(log_path)
         try:
-            child = subprocess.Popen(  # noqa: S603 - argv, never a shell
-                list(spec.argv),
+            child = subprocess.Popen(  # noqa: S603 - argv, never a shell (the trampoline only execs "$@")
+                argv,
                 cwd=spec.cwd,
                 env=spawn_env(spec),
                 stdin=self._stdin(),
@@ -59,6 +96,8 @@ class ProcessSupervisor:
                 close_fds=True,
             )
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte or a bad env name slipped through
+            if cgroup is not None:
+                cgroups.remove(cgroup)
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             # no such program, not executable, no cwd: trying again cannot help; out of processes
             # or file descriptors (EAGAIN, EMFILE, ENOMEM) may pass
@@ -70,7 +109,7 @@ class ProcessSupervisor:
         ticks = procfs.start_ticks(child.pid)
         if ticks is None:  # exited and was reaped already: cannot happen before wait(), keep a sane value
             ticks = 0
-        return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks)
+        return Handle(pid=child.pid, pgid=child.pid, start_ticks=ticks, cgroup=str(cgroup or ""))
 
     def _stdin(self) -> int:
         if self._devnull is None:
@@ -98,6 +137,7 @@ class ProcessSupervisor:
 
     def cleanup(self, handle: Handle) -> None:
         self._reap(handle.pid)
+        release_cgroup(handle)
 
     def _reap(self, pid: int) -> None:
         child = self._children.get(pid)

@@ -3,6 +3,8 @@
 Builds `systemd-run --user` / `systemctl --user` command lines (pure functions, unit-tested
 on recorded output) and runs them. The unit keeps its exit status until `cleanup`; timing
 (grace periods, SIGKILL) stays with the reconciler, which stops through `systemctl kill`.
+The unit is its own cgroup (systemd's); the env reaches it through the env wrapper's 0600
+file, never through `--setenv` on a command line.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from controller import procfs
+from controller import envexec, procfs
 from controller.model import Handle, InstanceSpec
 from controller.supervisors.base import CachedCheck, Context, ExitStatus, SupervisorError
 from controller.supervisors.process import open_log, spawn_env
@@ -31,6 +33,7 @@ CACHE_SECONDS = 30.0
 EXIT_WAIT = 1.0  # how long exit_status waits for the manager to record the exit
 UNIT_NAME_MAX = 255
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+RUN_DIR = "run"  # under the 0700 state dir: the env wrapper's one-shot env files
 SHOW_PROPERTIES = (
     "LoadState", "ActiveState", "SubState", "MainPID", "ExecMainPID", "ExecMainCode", "ExecMainStatus",
     "ControlGroup",
@@ -89,9 +92,7 @@ def escape_exec_arg(arg: str) -> str:
     return arg.replace("$", "$$")
 
 
-def run_argv(
-    unit: str, *, argv: Sequence[str], cwd: str, env: Mapping[str, str], log_path: Path
-) -> list[str]:
+def run_argv(unit: str, *, argv: Sequence[str], cwd: str, env_file: str, log_path: Path) -> list[str]:
     """The systemd-run call that starts an instance.
 
     Type=exec: systemd-run fails when the command cannot be executed. RemainAfterExit=yes keeps
@@ -99,16 +100,23 @@ def run_argv(
     otherwise be unloaded at once, taking its exit status with it, which is why there is no
     --collect: `cleanup` stops and resets the unit instead. No TimeoutStopSec/SendSIGKILL: the
     reconciler stops with `systemctl kill` and its own grace period, never `systemctl stop`.
+    The env is never on this command line (no --setenv): the env wrapper reads it from
+    `env_file` (0600) and execs argv, so ExecMainPID is the command's own pid.
     """
     log = str(log_path)
+    wrapped = envexec.command(argv, env_file=env_file)
     return [
         SYSTEMD_RUN, "--user", "--quiet", "--unit", unit, "--service-type=exec",
         "-p", "KillMode=control-group", "-p", "RemainAfterExit=yes",
         "-p", f"StandardOutput=append:{log}", "-p", f"StandardError=append:{log}",
         "--working-directory", cwd,
-        *(f"--setenv={key}={value}" for key, value in sorted(env.items()) if ENV_NAME.fullmatch(key)),
-        "--", argv[0], *(escape_exec_arg(arg) for arg in argv[1:]),
+        "--", wrapped[0], *(escape_exec_arg(arg) for arg in wrapped[1:]),
     ]  # fmt: skip
+
+
+def unit_env(env: Mapping[str, str]) -> dict[str, str]:
+    """systemd refuses some names (e.g. bash's exported `BASH_FUNC_f%%`): they are left out, as before."""
+    return {key: value for key, value in env.items() if ENV_NAME.fullmatch(key)}
 
 
 def show_argv(unit: str) -> list[str]:
@@ -255,8 +263,12 @@ class SystemdSupervisor:
         self._discard(unit)
         argv = (executable, *spec.argv[1:])
         log = Path(os.path.abspath(log_path))  # systemd wants an absolute, normalized path
-        proc = run(run_argv(unit, argv=argv, cwd=cwd, env=env, log_path=log))
+        run_dir = str(self.ctx.state_dir / RUN_DIR)
+        envexec.remove_stale(run_dir)
+        env_file = envexec.write_env_file(run_dir, unit, unit_env(env))  # the wrapper unlinks it
+        proc = run(run_argv(unit, argv=argv, cwd=cwd, env_file=env_file, log_path=log))
         if proc.returncode != 0:
+            _unlink(env_file)
             raise SupervisorError(f"systemd-run {unit} failed: {first_line(proc.stderr) or proc.returncode}")
         state = read_unit(unit)
         if state is None or state.exec_pid == 0:
@@ -317,6 +329,13 @@ class SystemdSupervisor:
     def _release(self, unit: str) -> None:
         run(stop_argv(unit))  # errors ignored: the unit may be gone already
         run(reset_failed_argv(unit))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def checked_executable(spec: InstanceSpec, *, cwd: str, env: Mapping[str, str]) -> str:

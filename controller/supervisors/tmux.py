@@ -20,25 +20,35 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
-from controller import procfs
+from controller import cgroups, envexec, procfs
 from controller.model import Handle, InstanceSpec
-from controller.supervisors.base import CachedCheck, Context, ExitStatus, SupervisorError, group_alive, signal_group
-from controller.supervisors.process import open_log, spawn_env
+from controller.supervisors.base import (
+    CachedCheck,
+    Context,
+    ExitStatus,
+    SupervisorError,
+    find_executable,
+    group_alive,
+    joined,
+    release_cgroup,
+    run_id,
+    signal_group,
+)
+from controller.supervisors.process import open_log
 
 TMUX = "tmux"
 SOCKET_FILE = "tmux.sock"
+RUN_DIR = "run"  # under the 0700 state dir: the wrappers' one-shot env files
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; keep a margin
 WINDOW_SIZE = ("200", "50")
 COMMAND_TIMEOUT = 10.0
-# tmux refuses a command line over 16 KiB ("command too long"): the environment is sent in chunks.
-MAX_COMMAND_BYTES = 12_000
 EXIT_WAIT = 2.0  # how long exit_status waits for tmux to record the exit status (slow on a loaded host)
 EXEC_WAIT = 5.0  # how long start waits for the pane's child to exec the command
 CACHE_SECONDS = 30.0
 MIN_VERSION = (3, 0)  # respawn-pane -e
 HOLD_ARGV = ("cat", "-")  # placeholder process of a new pane until pipe-pane is attached
 PANE_FORMAT = "#{session_name}|#{pane_pid}|#{pane_dead}|#{pane_dead_status}|#{pane_dead_signal}"
-# tmux sets these for the pane after the session environment, so only `-e` can override them.
+# tmux sets these for the pane; the instance gets them from tmux unless its manifest sets them.
 TERMINAL_VARS = frozenset({"TERM", "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "COLORTERM", "TMUX"})
 # The tmux client runs with only these (plus PATH); whichever client starts the server fixes
 # its global environment, so keeping it small keeps stale variables out of the panes.
@@ -101,62 +111,30 @@ def command_line(commands: Iterable[Sequence[str]]) -> list[str]:
     return out
 
 
-def chunk_commands(
-    commands: Sequence[Sequence[str]], limit: int = MAX_COMMAND_BYTES
-) -> list[list[Sequence[str]]]:
-    """Group commands so that each group's command line stays under `limit` bytes."""
-    chunks: list[list[Sequence[str]]] = []
-    size = limit
-    for cmd in commands:
-        cost = command_bytes(cmd)
-        if size + cost > limit or not chunks:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(cmd)
-        size += cost
-    return chunks
-
-
-def command_bytes(cmd: Sequence[str]) -> int:
-    """Roughly what tmux packs per argument: the bytes, a NUL, and the ';' separator."""
-    return sum(len(os.fsencode(arg)) + 2 for arg in cmd) + 2
-
-
-def pane_argv(argv: Sequence[str]) -> list[str]:
-    """tmux runs a single-word command through the shell: `env` execs it directly instead."""
-    return ["env", "--", *argv] if len(argv) == 1 else list(argv)
-
-
-def create_commands(session: str, *, shell: str, log_path: Path) -> list[list[str]]:
+def create_commands(session: str, *, log_path: Path) -> list[list[str]]:
     """A session whose pane holds a placeholder, keeps its dead pane, and pipes to the log."""
     target = pane_target(session)
     pipe = "cat >> " + escape_format(shlex.quote(str(log_path)))
     width, height = WINDOW_SIZE
     return [
-        ["set-option", "-g", "default-shell", shell],
         ["new-session", "-d", "-s", session, "-x", width, "-y", height, "--", *HOLD_ARGV],
         ["set-option", "-w", "-t", target, "remain-on-exit", "on"],
         ["pipe-pane", "-t", target, pipe],
     ]
 
 
-def env_commands(session: str, env: Mapping[str, str]) -> list[list[str]]:
-    """set-environment per variable; values are never shown in errors (they may be secrets)."""
-    commands = [["set-environment", "-t", "=" + session, key, value] for key, value in sorted(env.items())]
-    for cmd in commands:
-        if command_bytes(cmd) > MAX_COMMAND_BYTES:
-            raise SupervisorError(f"environment variable {cmd[3]} is too long for tmux", retryable=False)
-    return commands
+def pane_env(spec: InstanceSpec) -> dict[str, str]:
+    """What the wrapper puts over the pane's environment: the instance's env over ours, minus
+    the terminal variables we inherited (tmux sets those for the pane; the manifest may override)."""
+    env = {key: value for key, value in os.environ.items() if key not in TERMINAL_VARS}
+    env.update(spec.env)
+    return env
 
 
-def respawn_command(session: str, spec: InstanceSpec) -> list[str]:
-    """Replace the placeholder by the real command: output is piped from its first byte."""
-    overrides = [f"{key}={value}" for key, value in spec.env if key in TERMINAL_VARS]
-    env_flags = [flag for item in overrides for flag in ("-e", item)]
-    return [
-        "respawn-pane", "-k", "-t", pane_target(session), "-c", escape_format(spec.cwd),
-        *env_flags, "--", *pane_argv(spec.argv),
-    ]  # fmt: skip
+def respawn_command(session: str, spec: InstanceSpec, pane_argv: Sequence[str]) -> list[str]:
+    """Replace the placeholder by the real command: output is piped from its first byte. The
+    argv is the env wrapper's (several words: tmux runs it without a shell), holding no env value."""
+    return ["respawn-pane", "-k", "-t", pane_target(session), "-c", escape_format(spec.cwd), "--", *pane_argv]
 
 
 def list_panes_command(session: str) -> list[str]:
@@ -192,23 +170,11 @@ def parse_version(text: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def pane_shell(env: Mapping[str, str]) -> str:
-    """tmux overwrites SHELL with default-shell: use the instance's SHELL when it is usable."""
-    shell = env.get("SHELL", "")
-    return shell if os.path.isabs(shell) and os.access(shell, os.X_OK) else "/bin/sh"
-
-
 def client_env(path: str | None = None) -> dict[str, str]:
     """Environment of the tmux client; the pane's PATH is the client's PATH (tmux rule)."""
     env = {key: os.environ[key] for key in CLIENT_VARS if key in os.environ}
     env["PATH"] = path if path is not None else os.environ.get("PATH", os.defpath)
     return env
-
-
-def find_executable(argv0: str, *, cwd: str, path: str) -> str | None:
-    """Where execvp would find argv0 when run in cwd with PATH=path."""
-    candidate = os.path.join(cwd, argv0) if os.sep in argv0 else argv0
-    return shutil.which(candidate, path=path)
 
 
 # -- effects: running tmux ------------------------------------------------------------
@@ -285,24 +251,35 @@ class TmuxSupervisor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.unavailable_reason = CachedCheck(tmux_problem, CACHE_SECONDS)
+        self.cgroups = cgroups.Cgroups(ctx.controller_id)
 
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         spec = replace(spec, cwd=os.path.abspath(spec.cwd))
-        env = spawn_env(spec)
+        env = pane_env(spec)
         check_runnable(spec, env)
         os.close(open_log(log_path))  # created 0600 before `cat >>` appends to it
         self.ctx.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         session = session_name(spec.id)
         self._discard(session)
+        cgroup = self.cgroups.create(spec.id, run_id(spec), spec.spec_hash)
+        # the env goes through a 0600 file the wrapper reads and unlinks: never on a command line
+        run_dir = str(self.ctx.state_dir / RUN_DIR)
+        envexec.remove_stale(run_dir)
+        env_file = envexec.write_env_file(run_dir, session, env)
+        argv = envexec.command(spec.argv, env_file=env_file, cgroup=str(cgroup) if cgroup else None)
         try:
-            pane = self._spawn(session, spec, env, log_path)
+            pane = self._spawn(session, spec, argv, log_path, path=env.get("PATH", os.defpath))
         except SupervisorError:
             kill_session(self.ctx, session)
+            _unlink(env_file)
+            if cgroup is not None:
+                cgroups.remove(cgroup)
             raise
         _wait_for_exec(pane.pid)
         ticks = procfs.start_ticks(pane.pid)
         # the pane process is a session leader (forkpty): its pgid is its pid
-        return Handle(pid=pane.pid, pgid=pane.pid, start_ticks=ticks or 0, unit=session)
+        return joined(Handle(pid=pane.pid, pgid=pane.pid, start_ticks=ticks or 0, unit=session,
+                             cgroup=str(cgroup or "")))
 
     def signal(self, handle: Handle, sig: int) -> None:
         signal_group(handle, sig)
@@ -342,15 +319,13 @@ class TmuxSupervisor:
         if pane is not None and pane.pid == handle.pid:  # never a newer instance's session
             keep_last_screen(self.ctx, handle)  # activity: `capture` of an exited instance shows it
             kill_session(self.ctx, handle.unit)
+        release_cgroup(handle)
 
-    def _spawn(self, session: str, spec: InstanceSpec, env: dict[str, str], log_path: Path) -> PaneState:
-        create = create_commands(session, shell=pane_shell(env), log_path=Path(os.path.abspath(log_path)))
+    def _spawn(self, session: str, spec: InstanceSpec, argv: list[str], log_path: Path, *, path: str) -> PaneState:
+        create = create_commands(session, log_path=Path(os.path.abspath(log_path)))
         checked(run_tmux(self.ctx, create), f"new-session {session!r}")
-        for chunk in chunk_commands(env_commands(session, env)):
-            checked(run_tmux(self.ctx, chunk), f"set-environment for {session!r}")
-        respawn = [respawn_command(session, spec), list_panes_command(session)]
-        proc = run_tmux(self.ctx, respawn, path=env.get("PATH", os.defpath))
-        out = checked(proc, f"respawn-pane {session!r}")
+        respawn = [respawn_command(session, spec, argv), list_panes_command(session)]
+        out = checked(run_tmux(self.ctx, respawn, path=path), f"respawn-pane {session!r}")
         pane = parse_pane(out.splitlines()[-1]) if out.strip() else None
         if pane is None:
             raise SupervisorError(f"tmux gave no pane pid for session {session!r}: {out!r}")
@@ -370,13 +345,21 @@ class TmuxSupervisor:
 
 
 def _wait_for_exec(pid: int) -> None:
-    """tmux reports the pane pid at fork: until the child exec's, it is still a copy of tmux."""
+    """tmux reports the pane pid at fork: until the child exec's, it is still a copy of tmux, and
+    then the env wrapper until that has joined the cgroup, read its env file and exec'd."""
     deadline = time.monotonic() + EXEC_WAIT
     while time.monotonic() < deadline:
         argv = procfs.cmdline(pid)
-        if not argv or os.path.basename(argv[0]) != os.path.basename(TMUX):
+        if not argv or (os.path.basename(argv[0]) != os.path.basename(TMUX) and not envexec.is_wrapper(argv)):
             return
         time.sleep(0.002)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def check_runnable(spec: InstanceSpec, env: Mapping[str, str]) -> None:

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller import logfiles
+from controller import logfiles, redact
 from controller.model import Handle
 from controller.store import open_readonly
 from controller.web import render
@@ -51,9 +51,11 @@ def screen_reader(state_dir: Path, controller_id: str) -> Callable[[Handle], str
 
 
 class Pages:
-    def __init__(self, state_dir: Path | None, screen: Callable[[Handle], str] | None) -> None:
+    def __init__(self, state_dir: Path | None, screen: Callable[[Handle], str] | None,
+                 secrets: Callable[[str], tuple[str, ...]] | None = None) -> None:
         self.state_dir = state_dir
         self.screen = screen
+        self.secrets = secrets or (lambda agent: ())
 
     def answer(self, path: str, snap: View, *, logs: bool, part: bool, now: float) -> Response | None:
         """The page at path, or None when path is not one of the page's."""
@@ -92,9 +94,12 @@ class Pages:
             return render.Extras(events=events, events_error=error)
         every = [str(i.get("id")) for i in doc.get("instances") or []]
         ids = every[:MAX_SHOWN]
+        hide = self.secrets(name)  # log lines and screens shown by the controller: env values redacted (§11)
+        screens = {iid: "\n".join(redact.redact_lines(text.split("\n"), hide))
+                   for iid, text in self._screens(doc, snap, ids).items()}
         return render.Extras(events=events, events_error=error, logs_allowed=True,
-                             log_tails={iid: self._tail(iid) for iid in ids},
-                             screens=self._screens(doc, snap, ids), not_shown=len(every) - len(ids))
+                             log_tails={iid: list(redact.redact_lines(self._tail(iid), hide)) for iid in ids},
+                             screens=screens, not_shown=len(every) - len(ids))
 
     def _events(self, name: str) -> tuple[list[render.EventRow], str | None]:
         if self.state_dir is None:

@@ -33,6 +33,7 @@ from tests.helpers import (
     pid_alive,
     py,
     reap,
+    remove_cgroups,
     sleeper,
     wait_for,
     wait_log,
@@ -373,7 +374,7 @@ def test_tmux_adapter_knows_how_a_lone_pane_stopped_with_sigterm_ended() -> None
     skip_unless_available("tmux")
     for attempt in range(20):
         root = Path(tempfile.mkdtemp(prefix="acs", dir="/tmp"))  # short: a socket path has a length limit
-        ctx = Context(root / "state", f"race{attempt}")
+        ctx = Context(root / "state", f"race{attempt}-{os.urandom(3).hex()}")
         adapter = tmux_adapter.TmuxSupervisor(ctx)
         spec = InstanceSpec(id="lone-0", agent="lone", index=0, supervisor="tmux", argv=tuple(sleeper()),
                             env=(), cwd=str(root), spec_hash="sha256:test")
@@ -397,6 +398,7 @@ def test_tmux_adapter_knows_how_a_lone_pane_stopped_with_sigterm_ended() -> None
             subprocess.run(tmux_adapter.tmux_argv(ctx, ["kill-server"]), capture_output=True, timeout=10, check=False)
             if server.isdigit():
                 wait_for(lambda pid=int(server): dead(pid), 10, message="tmux server gone")  # type: ignore[misc]
+            remove_cgroups(ctx.controller_id)
             shutil.rmtree(root, ignore_errors=True)
 
 

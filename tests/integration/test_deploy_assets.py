@@ -646,6 +646,19 @@ def test_unit_keeps_agents_running_across_controller_restarts(unit: Path) -> Non
     )
 
 
+@pytest.mark.parametrize("unit", [UNIT, USER_UNIT], ids=lambda p: p.name)
+def test_unit_delegates_its_cgroup_subtree_for_per_instance_cgroups(unit: Path) -> None:
+    """Contract §11: the controller may create a cgroup per instance only in a delegated,
+    writable subtree; ProtectControlGroups would make cgroupfs read-only again."""
+    directives = {
+        line.strip()
+        for line in unit.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    assert "Delegate=yes" in directives
+    assert "ProtectControlGroups=yes" not in directives
+
+
 # What systemd-analyze says about the machine rather than the unit: the
 # agentctl binary is not installed where ExecStart points on a test machine.
 ENVIRONMENT_NOISE = re.compile(r"Command \S+ is not executable")

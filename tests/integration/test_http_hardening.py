@@ -239,7 +239,7 @@ def test_listener_on_ipv6_loopback_answers_its_bracketed_address(ctl: Controller
 def prints_then_fails() -> list[str]:
     return py(f"""
         import os, sys
-        print("visible line 42", flush=True)
+        print("visible line", 6 * 7, flush=True)  # the words are not in the argv (runningSpec shows it)
         print("password is " + os.environ["DB_PASSWORD"], flush=True)
         sys.exit(1)
     """)
@@ -282,6 +282,8 @@ def test_log_lines_and_env_values_only_with_a_dashboard_session(ctl: Controller)
     session = {"Cookie": name_value}
     code, _, body = get(ctl, "/agents/leaky", headers=session)
     assert code == 200 and b"visible line 42" in body
+    # lines shown by the controller have the instance's env values redacted, also to the owner (§11)
+    assert b"hunter2-very-secret" not in body and b"password is [REDACTED]" in body
     api = json.loads(get(ctl, "/api/v1/agents/leaky", headers=session)[2])
     assert any("visible line 42" in line for line in api["instances"][0]["lastExit"]["logTail"])
     assert b"DB_PASSWORD" not in get(ctl, "/agents/leaky", headers=session)[2]  # no env key=value table anywhere

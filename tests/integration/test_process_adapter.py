@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from controller import cgroups
 from controller.model import Handle, InstanceSpec
 from controller.supervisors.base import Context, ExitStatus, SupervisorError
 from controller.supervisors.process import ProcessSupervisor
-from tests.helpers import kill_group, pid_alive, reap, wait_for
+from tests.helpers import kill_group, pid_alive, reap, remove_cgroups, wait_for
 
 SLEEP = "import time\nwhile True: time.sleep(1)"
 DEADLINE = 20.0
@@ -67,15 +68,18 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
-    made = Rig(tmp_path, ProcessSupervisor(Context(tmp_path, "test-process")))
+    cid = f"test-process-{os.urandom(3).hex()}"  # its own cgroup subtree, whatever runs beside it
+    made = Rig(tmp_path, ProcessSupervisor(Context(tmp_path, cid)))
     yield made
     for handle in made.handles:
         kill_group(handle.pgid)
+        made.adapter.signal(handle, signal.SIGKILL)  # the cgroup too, when it has one
         # let the adapter's own Popen reap its child (no zombie, no ResourceWarning)
         wait_for(lambda: not made.adapter.alive(handle), DEADLINE, message=f"group {handle.pgid} killed")  # noqa: B023
         made.adapter.exit_status(handle)
     for pid in made.strays:
         reap(pid)
+    remove_cgroups(cid)
 
 
 def test_start_appends_stdout_and_stderr_to_the_log(rig: Rig) -> None:
@@ -181,7 +185,7 @@ def test_adopt_refuses_a_handle_with_other_start_ticks(rig: Rig) -> None:
     handle = rig.start(SLEEP)
     assert rig.adapter.adopt(handle)
     # a fresh adapter, as after a controller restart: it knows the process only by its handle
-    other = ProcessSupervisor(Context(rig.root, "test-process"))
+    other = ProcessSupervisor(Context(rig.root, rig.adapter.ctx.controller_id))
     assert other.adopt(handle)
     reused = replace(handle, start_ticks=handle.start_ticks + 1)
     assert not other.adopt(reused), "same pid, other start time: another process (pid reuse)"
@@ -206,3 +210,97 @@ def test_missing_cwd_raises_supervisor_error(rig: Rig, tmp_path: Path) -> None:
     spec = rig.spec([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")
     with pytest.raises(SupervisorError):
         rig.adapter.start(spec, rig.log)
+
+
+# -- per-instance cgroups (CONTRACT §11) ---------------------------------------------------
+def cgroup_problem() -> str | None:
+    probe = cgroups.Cgroups(f"probe-{os.getpid()}")
+    problem = probe.unavailable_reason()
+    base = cgroups.base_dir(probe.controller_id)
+    if base is not None:
+        cgroups.remove(base)
+    return problem
+
+
+needs_cgroups = pytest.mark.skipif(cgroup_problem() is not None, reason=f"no per-instance cgroups: {cgroup_problem()}")
+ESCAPER = (
+    "import os, subprocess, sys, time\n"
+    "helper = subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(300)'])\n"
+    "print('helper', helper.pid, flush=True)\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+@needs_cgroups
+def test_the_child_is_in_its_own_cgroup_from_its_first_instruction(rig: Rig) -> None:
+    handle = rig.start("import os; print('cg', open('/proc/self/cgroup').read().strip(), flush=True)\n" + SLEEP)
+    assert handle.cgroup and cgroups.contains(handle.cgroup, handle.pid)
+    text = rig.wait_output("cg ")
+    assert os.path.basename(handle.cgroup) in text  # already there when the command's code ran
+
+
+@needs_cgroups
+def test_a_setsid_helper_keeps_the_instance_alive_and_sigkill_takes_it(rig: Rig) -> None:
+    handle = rig.start(ESCAPER)
+    helper = int(rig.wait_output("helper ").split("helper ")[1].split()[0])
+    rig.strays.append(helper)
+    wait_for(lambda: os.getpgid(helper) == helper, DEADLINE, message="helper in its own session")
+    os.kill(handle.pid, signal.SIGKILL)  # the leader alone: only the cgroup still knows the helper
+    wait_for(lambda: not pid_alive(handle.pid), DEADLINE)
+    assert rig.adapter.alive(handle), "a process of the instance still lives"
+    rig.adapter.signal(handle, signal.SIGKILL)
+    wait_for(lambda: dead(helper), DEADLINE, message="helper killed through the cgroup")
+    rig.wait_gone(handle)
+    rig.adapter.exit_status(handle)
+    rig.adapter.cleanup(handle)
+    assert not os.path.exists(handle.cgroup), "the empty cgroup is removed"
+
+
+@needs_cgroups
+def test_memory_of_a_cgroup_instance_counts_its_escaped_helper(rig: Rig) -> None:
+    from controller import procfs
+    from controller.health import instance_memory
+
+    grower = "import os, time; os.setsid(); held = b'x' * (40 << 20); print('held', flush=True); time.sleep(300)"
+    handle = rig.start(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {grower!r}])\n" + SLEEP)
+    rig.wait_output("held")
+    usage = instance_memory(procfs.snapshot(), handle)
+    assert usage > 40 << 20, usage
+
+
+def test_with_cgroups_off_the_instance_is_tracked_by_its_group(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cgroups.SWITCH, "off")
+    adapter = ProcessSupervisor(Context(rig.root, f"test-off-{os.urandom(3).hex()}"))
+    handle = adapter.start(rig.spec([sys.executable, "-c", SLEEP]), rig.log)
+    try:
+        assert handle.cgroup == ""
+        assert adapter.alive(handle)
+    finally:
+        adapter.signal(handle, signal.SIGKILL)
+        wait_for(lambda: not adapter.alive(handle), DEADLINE, message="killed by its group")
+        assert adapter.exit_status(handle) == ExitStatus(None, signal.SIGKILL)
+
+
+@needs_cgroups
+def test_an_executable_without_shebang_is_not_run_by_a_shell(rig: Rig, tmp_path: Path) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_text("echo ran-by-a-shell\n")
+    script.chmod(0o755)
+    with pytest.raises(SupervisorError, match="Exec format error"):
+        rig.adapter.start(rig.spec([str(script)]), rig.log)
+    assert "ran-by-a-shell" not in rig.output()
+
+
+@needs_cgroups
+def test_freeze_and_kill_ends_a_forking_instance_without_cgroup_kill(rig: Rig) -> None:
+    """The path for kernels without cgroup.kill, run here on purpose."""
+    forker = "import os, time\nwhile True:\n    if os.fork() == 0:\n        time.sleep(300)\n    time.sleep(0.05)\n"
+    handle = rig.start(forker)
+    wait_for(lambda: len(cgroups.procs(handle.cgroup)) >= 3, DEADLINE, message="a few children forked")
+    members = cgroups.procs(handle.cgroup)
+    rig.strays.extend(members)
+    cgroups.freeze_and_kill(Path(handle.cgroup))
+    wait_for(lambda: not cgroups.live_pids(handle.cgroup), DEADLINE, message="every member killed")
+    for pid in members:
+        reap(pid)
+    assert (Path(handle.cgroup) / "cgroup.freeze").read_text().strip() == "0", "thawed again"

@@ -18,7 +18,7 @@ from controller import procfs
 from controller.model import Handle, InstanceSpec
 from controller.supervisors import tmux
 from controller.supervisors.base import Context, ExitStatus, SupervisorError
-from tests.helpers import kill_group, reap, wait_for
+from tests.helpers import kill_group, reap, remove_cgroups, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
@@ -70,7 +70,7 @@ class Rig:
 @pytest.fixture
 def rig() -> Iterator[Rig]:
     root = Path(tempfile.mkdtemp(prefix="ac", dir="/tmp"))  # tmp_path may be too long for a socket
-    ctx = Context(state_dir=root / "state", controller_id="test")
+    ctx = Context(state_dir=root / "state", controller_id=f"test-{os.urandom(3).hex()}")
     rig = Rig(root=root, ctx=ctx, adapter=tmux.TmuxSupervisor(ctx))
     try:
         yield rig
@@ -78,6 +78,7 @@ def rig() -> Iterator[Rig]:
         for pgid in rig.groups:
             kill_group(pgid)
         stop_servers(ctx, rig.servers)
+        remove_cgroups(ctx.controller_id)
         shutil.rmtree(root, ignore_errors=True)
 
 

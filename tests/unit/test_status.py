@@ -6,7 +6,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from controller.model import ExitInfo, ExitReason, Phase
+from controller.model import ExitInfo, ExitReason, Handle, Phase
 from controller.planner import PhaseView
 from controller.status import Clock, StatusInput, StatusWriter, read_all, read_status, render
 from tests.unit.builders import desired, exited, running, stopping
@@ -254,3 +254,12 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path: Path) -> None
     writer.flush(timeout=5.0)
     doc = read_status(tmp_path / "status", "d")
     assert doc is not None and doc["source"] == "manifests/caf\\udce9.yaml"
+
+
+def test_each_instance_says_how_its_processes_are_tracked() -> None:
+    first, second = AGENT.instances
+    cg = running(first, handle=Handle(pid=7, pgid=7, start_ticks=1, cgroup="/sys/fs/cgroup/agentctl-c/x"))
+    doc = render(status_input(instances=[cg, running(second)]), at(0), None)
+    assert [i["tracking"] for i in doc["instances"]] == ["cgroup", "process-group"]
+    gone = render(status_input(instances=[exited(first), exited(second)]), at(0), None)
+    assert [i["tracking"] for i in gone["instances"]] == [None, None]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import procfs
+from controller import envexec, procfs
 from controller.model import Handle, InstanceSpec
 from controller.supervisors import systemd
 from controller.supervisors.base import Context, ExitStatus, Supervisor, SupervisorError
@@ -124,19 +124,24 @@ def test_run_argv_starts_a_transient_service_that_keeps_its_exit_status() -> Non
         UNIT,
         argv=("/usr/bin/python3", "-c", "print('$HOME')", "${X}"),
         cwd="/srv/work dir",
-        env={"B": "2 3", "A": "x=y", "BASH_FUNC_f%%": "() { :; }"},
+        env_file="/state/run/u.ab.env",
         log_path=Path("/state/logs/reviewer-0.log"),
     )
+    wrapper = envexec.command(["/usr/bin/python3"], env_file="/state/run/u.ab.env")[:-1]
     assert argv == [
         "systemd-run", "--user", "--quiet", "--unit", UNIT, "--service-type=exec",
         "-p", "KillMode=control-group", "-p", "RemainAfterExit=yes",
         "-p", "StandardOutput=append:/state/logs/reviewer-0.log",
         "-p", "StandardError=append:/state/logs/reviewer-0.log",
         "--working-directory", "/srv/work dir",
-        "--setenv=A=x=y", "--setenv=B=2 3",
-        "--", "/usr/bin/python3", "-c", "print('$$HOME')", "$${X}",
+        "--", *wrapper, "/usr/bin/python3", "-c", "print('$$HOME')", "$${X}",
     ]  # fmt: skip
     assert "--collect" not in argv
+    assert not any(arg.startswith("--setenv") for arg in argv)
+
+
+def test_unit_env_leaves_out_names_systemd_refuses() -> None:
+    assert systemd.unit_env({"B": "2 3", "A": "x=y", "BASH_FUNC_f%%": "() { :; }"}) == {"B": "2 3", "A": "x=y"}
 
 
 def test_dollar_is_doubled_so_systemd_does_not_expand_it() -> None:
@@ -266,7 +271,12 @@ def test_start_runs_the_unit_and_returns_its_main_pid(monkeypatch: pytest.Monkey
     assert handle == Handle(pid=me, pgid=me, start_ticks=procfs.start_ticks(me) or -1, unit=UNIT)
     assert runner.verbs() == ["show", "run", "show"]
     run_call = runner.calls[1]
-    assert "--setenv=K=v" in run_call and run_call[-3:] == [shutil.which("sh"), "-c", "exit 0"]
+    assert run_call[-3:] == [shutil.which("sh"), "-c", "exit 0"]
+    assert not any("K=v" in arg for arg in run_call)  # the env is in the wrapper's 0600 file
+    env_file = Path(run_call[run_call.index("--env-file") + 1])
+    assert env_file.parent == Path("/tmp/s/run") and (env_file.stat().st_mode & 0o777) == 0o600
+    assert envexec.decode_env(env_file.read_bytes())["K"] == "v"
+    env_file.unlink()  # the wrapper would have
     assert ((tmp_path / "logs" / "r.log").stat().st_mode & 0o777) == 0o600
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from controller import envexec
 from controller.model import Handle, InstanceSpec
 from controller.supervisors import tmux
-from controller.supervisors.base import Context, ExitStatus, Supervisor, SupervisorError
+from controller.supervisors.base import Context, ExitStatus, Supervisor
 
 
 def spec(argv: tuple[str, ...] = ("python3", "-u", "agent.py"), env: tuple[tuple[str, str], ...] = ()) -> InstanceSpec:
@@ -63,45 +64,30 @@ def test_format_expanded_arguments_double_the_hash() -> None:
     assert tmux.escape_format("/tmp/#{x}/#1") == "/tmp/##{x}/##1"
 
 
-def test_single_word_command_is_run_by_env_not_by_a_shell() -> None:
-    assert tmux.pane_argv(["agent"]) == ["env", "--", "agent"]
-    assert tmux.pane_argv(["agent", "--x"]) == ["agent", "--x"]
-
-
 def test_create_commands_hold_the_pane_and_pipe_it_before_the_command_runs() -> None:
-    cmds = tmux.create_commands("a-0", shell="/bin/bash", log_path=Path("/logs/it's #1.log"))
-    assert [c[0] for c in cmds] == ["set-option", "new-session", "set-option", "pipe-pane"]
-    assert cmds[1][-3:] == ["--", "cat", "-"]
-    assert cmds[2] == ["set-option", "-w", "-t", "=a-0:", "remain-on-exit", "on"]
-    assert cmds[3] == ["pipe-pane", "-t", "=a-0:", "cat >> '/logs/it'\"'\"'s ##1.log'"]
+    cmds = tmux.create_commands("a-0", log_path=Path("/logs/it's #1.log"))
+    assert [c[0] for c in cmds] == ["new-session", "set-option", "pipe-pane"]
+    assert cmds[0][-3:] == ["--", "cat", "-"]
+    assert cmds[1] == ["set-option", "-w", "-t", "=a-0:", "remain-on-exit", "on"]
+    assert cmds[2] == ["pipe-pane", "-t", "=a-0:", "cat >> '/logs/it'\"'\"'s ##1.log'"]
 
 
-def test_respawn_passes_argv_as_words_and_only_terminal_vars_as_flags() -> None:
-    cmd = tmux.respawn_command("r-0", spec(env=(("TERM", "xterm"), ("FOO", "bar"))))
-    assert cmd == [
-        "respawn-pane", "-k", "-t", "=r-0:", "-c", "/srv/work", "-e", "TERM=xterm", "--", "python3", "-u", "agent.py",
-    ]  # fmt: skip
+def test_respawn_runs_the_wrapper_argv_and_carries_no_env_value() -> None:
+    wrapper = envexec.command(["python3", "-u", "agent.py"], env_file="/state/run/r-0.ab.env", cgroup="/cg/r-0")
+    cmd = tmux.respawn_command("r-0", spec(env=(("TERM", "xterm"), ("FOO", "s3cr3t-value"))), wrapper)
+    assert cmd[:6] == ["respawn-pane", "-k", "-t", "=r-0:", "-c", "/srv/work"]
+    assert cmd[6] == "--" and cmd[7:] == wrapper
+    assert wrapper[-4:] == ["--", "python3", "-u", "agent.py"]
+    assert "--env-file" in wrapper and "--cgroup" in wrapper
+    assert not any("s3cr3t-value" in arg or "xterm" in arg for arg in cmd)
 
 
-def test_environment_is_set_per_variable_and_chunked_under_the_size_limit() -> None:
-    env = {f"V{i}": "x" * 3000 for i in range(10)}
-    cmds = tmux.env_commands("s", env)
-    assert cmds[0] == ["set-environment", "-t", "=s", "V0", "x" * 3000]
-    chunks = tmux.chunk_commands(cmds)
-    assert sum(len(c) for c in chunks) == 10
-    assert len(chunks) > 1
-    assert all(sum(tmux.command_bytes(c) for c in chunk) <= tmux.MAX_COMMAND_BYTES for chunk in chunks)
-
-
-def test_a_variable_too_big_for_tmux_is_refused_without_showing_its_value() -> None:
-    with pytest.raises(SupervisorError, match="HUGE") as err:
-        tmux.env_commands("s", {"HUGE": "secret" * 5000})
-    assert "secret" not in str(err.value)
-    assert not err.value.retryable
-
-
-def test_chunking_nothing_gives_no_chunks() -> None:
-    assert tmux.chunk_commands([]) == []
+def test_pane_env_keeps_tmux_terminal_vars_unless_the_manifest_sets_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TERM", "dumb")
+    monkeypatch.setenv("AGENTCTL_TEST_INHERITED", "yes")
+    env = tmux.pane_env(spec(env=(("FOO", "bar"),)))
+    assert "TERM" not in env and env["FOO"] == "bar" and env["AGENTCTL_TEST_INHERITED"] == "yes"
+    assert tmux.pane_env(spec(env=(("TERM", "xterm"),)))["TERM"] == "xterm"
 
 
 def test_parse_live_pane() -> None:
@@ -134,12 +120,6 @@ def test_unparseable_pane_lines_give_none(line: str) -> None:
 )
 def test_parse_version(text: str, expected: tuple[int, int] | None) -> None:
     assert tmux.parse_version(text) == expected
-
-
-def test_pane_shell_falls_back_to_sh_for_unusable_shells() -> None:
-    assert tmux.pane_shell({"SHELL": "/bin/sh"}) == "/bin/sh"
-    assert tmux.pane_shell({"SHELL": "fish"}) == "/bin/sh"
-    assert tmux.pane_shell({}) == "/bin/sh"
 
 
 def test_client_env_is_small_and_carries_the_instance_path(monkeypatch: pytest.MonkeyPatch) -> None:
