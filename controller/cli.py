@@ -586,35 +586,39 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tmux_instance(args: argparse.Namespace) -> tuple[Any, Any] | None:
+def _terminal_instance(args: argparse.Namespace) -> tuple[Any, Any] | None:
+    """(the adapter with the Terminal capability, the instance's handle), or None after an error.
+    Which adapters have a terminal is theirs to say (supervisors.base.Terminal), not the CLI's."""
     from controller.store import open_readonly
+    from controller.supervisors.base import Context, Terminal
+    from controller.supervisors.registry import adapter
 
     state_dir = state_dir_of(args)
     doc = status.read_status(state_dir / "status", args.name)
     if doc is None:
         _unknown(args.name)
         return None
-    if doc.get("supervisor") != "tmux":
-        print(f"error: {args.name} runs under {doc.get('supervisor')}, not tmux", file=sys.stderr)
-        return None
+    kind = str(doc.get("supervisor") or "process")
     store = open_readonly(state_dir)
+    sup = adapter(kind, Context(state_dir, (store.meta("controller_id") if store else None) or ""))
+    if not isinstance(sup, Terminal):
+        print(f"error: {args.name} runs under {kind}, not tmux: only an instance with a terminal can be "
+              f"attached or captured", file=sys.stderr)
+        return None
     iid = f"{args.name}-{args.instance}"
     rec = next((r for r in (store.instances() if store else []) if r.id == iid), None)
     if rec is None or rec.handle is None:
         print(f"error: instance {iid} is not running", file=sys.stderr)
         return None
-    from controller.supervisors.base import Context
-
-    return Context(state_dir, (store.meta("controller_id") if store else None) or ""), rec.handle
+    return sup, rec.handle
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
-    found = _tmux_instance(args)
+    found = _terminal_instance(args)
     if found is None:
         return 1
-    from controller.supervisors import tmux
-
-    argv = tmux.attach_argv(*found)
+    sup, handle = found
+    argv = sup.attach_argv(handle)
     os.execvp(argv[0], argv)
 
 
@@ -627,12 +631,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if last is not None:
         sys.stdout.write(last)
         return 0
-    found = _tmux_instance(args)
+    found = _terminal_instance(args)
     if found is None:
         return 1
-    from controller.supervisors import tmux
-
-    sys.stdout.write(tmux.capture(*found, args.raw))
+    sup, handle = found
+    sys.stdout.write(sup.capture(handle, args.raw))
     return 0
 
 

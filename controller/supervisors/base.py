@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 from controller import cgroups, procfs
 from controller.model import Handle, InstanceSpec
@@ -72,6 +72,18 @@ class Supervisor(Protocol):
 
     def cleanup(self, handle: Handle) -> None:
         """Release what the instance left behind once no process of it lives (tmux session...)."""
+
+
+@runtime_checkable
+class Terminal(Protocol):
+    """An optional capability: the adapter's instances have a terminal a person can use
+    (`agentctl attach` and `capture`). A new adapter that has one implements these two."""
+
+    def attach_argv(self, handle: Handle) -> list[str]:
+        """argv that attaches the caller's terminal to the instance's."""
+
+    def capture(self, handle: Handle, raw: bool) -> str:
+        """The instance's current screen; raw keeps colour and attribute escapes."""
 
 
 def signal_group(handle: Handle, sig: int) -> None:

@@ -18,5 +18,13 @@ def adapter_class(kind: str) -> type:
     return cls
 
 
+def adapter(kind: str, ctx: Context) -> Supervisor | None:
+    """One adapter by its manifest name (None for a name no longer in the registry)."""
+    if kind not in SUPERVISORS:
+        return None
+    sup: Supervisor = adapter_class(kind)(ctx)
+    return sup
+
+
 def build(ctx: Context) -> dict[str, Supervisor]:
     return {kind: adapter_class(kind)(ctx) for kind in SUPERVISORS}

@@ -253,6 +253,13 @@ class TmuxSupervisor:
         self.unavailable_reason = CachedCheck(tmux_problem, CACHE_SECONDS)
         self.cgroups = cgroups.Cgroups(ctx.controller_id)
 
+    # -- the Terminal capability (agentctl attach, capture) ---------------------
+    def attach_argv(self, handle: Handle) -> list[str]:
+        return attach_argv(self.ctx, handle)
+
+    def capture(self, handle: Handle, raw: bool) -> str:
+        return capture(self.ctx, handle, raw)
+
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         spec = replace(spec, cwd=os.path.abspath(spec.cwd))
         env = pane_env(spec)
