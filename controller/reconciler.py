@@ -257,6 +257,10 @@ class Controller:
             if fresh:  # `restart --fresh` forgets the sessions: the next start picks new ids
                 self.table.put(records.sessions_forgotten(rec))
             self.executor.request_stop(rec.id, "ManualRestart", "agentctl restart")
+        # a first start still in flight has no record yet: the request waits for the record it writes
+        for iid in sorted(i for i in self.executor.starting if i.rsplit("-", 1)[0] == name):
+            if iid not in self.table.instances:
+                self.executor.request_stop(iid, "ManualRestart", "agentctl restart")
         self.queue.mark(name)
         return True
 

@@ -8,6 +8,7 @@ these functions decide *what the record becomes*. Restart counts and the crash-l
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from controller.model import (
     ExitInfo,
@@ -91,7 +92,16 @@ def exited(rec: InstanceRecord, code: int | None, signal: int | None, *, mono: f
     message = rec.health_message if rec.stop_reason is not None and rec.stop_reason == rec.health else ""
     info = ExitInfo(code, signal, wall, runtime, exit_reason(rec, code, signal), tail, message)
     return replace(rec, state=RunState.EXITED, handle=None, last_exit=info, stop_reason=None,
-                   stop_deadline=None, killed=False, next_start=None, health=None, health_message="")
+                   stop_deadline=None, killed=False, next_start=None, **_person_request(rec))
+
+
+def _person_request(rec: InstanceRecord) -> dict[str, Any]:
+    """A person's restart not yet acted on outlives the process it was meant for (it crashed, or
+    was found dead or replaced after a controller restart): the next run starts because of it.
+    A check's request (liveness, memory) dies with the run it was about."""
+    if rec.health == ExitReason.MANUAL_RESTART:
+        return {"health": rec.health, "health_message": rec.health_message}
+    return {"health": None, "health_message": ""}
 
 
 def restart_requested(rec: InstanceRecord, reason: str, message: str) -> InstanceRecord | None:
@@ -139,7 +149,7 @@ def recovered(base: InstanceRecord, handle: Handle, *, spec_hash: str, run_id: s
     return replace(base, state=RunState.RUNNING, handle=handle, spec_hash=spec_hash, run_id=run_id,
                    started_at=started_wall, started_mono=started_mono, next_start=None, terminal=None,
                    terminal_reason="", terminal_message="", stop_reason=None, stop_deadline=None,
-                   killed=False, health=None, health_message="")
+                   killed=False, **_person_request(base))
 
 
 def sessions_forgotten(rec: InstanceRecord) -> InstanceRecord:

@@ -125,6 +125,7 @@ class FakeWorld:
         self.behaviour: dict[str, Behaviour] = {}  # instance -> what its next start does
         self.start_failures: dict[str, bool] = {}  # instance -> next start fails (retryable?)
         self.starts: list[tuple[str, int]] = []  # (instance, pid), every start ever
+        self.attempts: list[tuple[str, int | None]] = []  # every supervisor start call: (instance, pid or None)
 
     def spawn(self, spec: InstanceSpec) -> FakeProcess:
         env = dict(spec.env)
@@ -230,10 +231,13 @@ class FakeSupervisor:
     def start(self, spec: InstanceSpec, log_path: Path) -> Handle:
         fail = self.world.start_failures.pop(spec.id, None)
         if fail is not None:
+            self.world.attempts.append((spec.id, None))
             raise SupervisorError(f"simulated start failure of {spec.id}", retryable=fail)
         if spec.argv and spec.argv[0] == "/nonexistent":
+            self.world.attempts.append((spec.id, None))
             raise SupervisorError(f"cannot start {spec.argv[0]!r}: No such file or directory", retryable=False)
         proc = self.world.spawn(spec)
+        self.world.attempts.append((spec.id, proc.pid))
         return Handle(pid=proc.pid, pgid=proc.pgid, start_ticks=proc.start_ticks)
 
     def _leader(self, handle: Handle) -> FakeProcess | None:

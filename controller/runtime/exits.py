@@ -249,8 +249,9 @@ class Exits:
     # -- recovery after a restart --------------------------------------------
     async def adopt_all(self) -> None:
         """Re-attach live recorded instances (same pid and start time), record the rest as Lost."""
-        for rec in list(self.table.instances.values()):
-            if rec.state == RunState.EXITED:
+        for iid in list(self.table.instances):
+            rec = self.table.instances.get(iid)  # read again: an await below may let a request in
+            if rec is None or rec.state == RunState.EXITED:
                 continue
             if rec.handle is None:
                 await self.finish(rec.id, ExitStatus(None, None))  # lost to a reboot
@@ -264,7 +265,11 @@ class Exits:
                 self.table.put(records.forgotten_handle(rec))
                 await self.finish(rec.id, ExitStatus(None, None))
                 continue
-            if await self.call(sup, sup.adopt, rec.handle):
+            adopted = await self.call(sup, sup.adopt, rec.handle)
+            rec = self.table.instances[iid]  # as it is now, after the await (a restart may have been asked)
+            if rec.handle is None:
+                continue
+            if adopted:
                 log.info("%s adopted pid %d", rec.id, rec.handle.pid)
                 self.table.event(rec.agent, rec.id, "Adopted", "ControllerRestart", f"pid {rec.handle.pid}")
                 self.watch(rec.id, rec.handle)

@@ -87,6 +87,9 @@ class Sim:
         self.store: FakeStore | None = None
         self.max_agents: int | None = None
         self.chaos_on = True
+        # `agentctl restart` taken by the controller: (instance, starts before it, a start was in flight)
+        self.restarts_asked: list[tuple[str, int, bool]] = []
+        self.called: dict[str, bool] = {}  # instance -> its in-flight start has called the supervisor
         self.lossy = False  # store writes have failed at some point
 
     # -- the schedule --------------------------------------------------------
@@ -151,7 +154,12 @@ class Sim:
     async def call(self, sup: Supervisor, fn: Callable[..., T], *args: Any) -> T:
         if not sup.blocking:
             return fn(*args)
+        starting = args[0].id if getattr(fn, "__name__", "") == "start" else None
+        if starting is not None:
+            self.called[starting] = False  # the start's supervisor call has not run yet
         await self.chaos(f"{getattr(fn, '__name__', fn)} in flight")
+        if starting is not None:
+            self.called[starting] = True
         result = fn(*args)
         await self.chaos(f"{getattr(fn, '__name__', fn)} returned")
         return result
@@ -175,7 +183,7 @@ class Sim:
             name = self.rng.choice(NAMES)
             if self.ctl is not None and name in self.ctl.agents:
                 self.note(f"  !! agentctl restart {name} while {where}")
-                self.ctl.manual_restart(name)
+                self.restart_request(name)
         elif roll < 0.22:
             self.crash_one(f"while {where}")
 
@@ -200,6 +208,18 @@ class Sim:
         assert self.ctl is not None
         await self.ctl.start_up()
 
+    def restart_request(self, name: str) -> None:
+        """A person's restart: every instance of the agent that runs (or is being started) now must
+        be replaced by a run that starts after it (checked at quiescence)."""
+        ctl = self.ctl
+        assert ctl is not None
+        ids = set(ctl.table.by_agent.get(name, ())) | {i for i in ctl.executor.starting if i.rsplit("-", 1)[0] == name}
+        for iid in sorted(ids):
+            # a start in flight that has not yet called the supervisor: its attempt is the old run
+            pending = iid in ctl.executor.starting and not self.called.get(iid, True)
+            self.restarts_asked.append((iid, len(self.world.attempts), pending))
+        ctl.manual_restart(name)
+
     async def kill_controller(self) -> None:
         """SIGKILL: its tasks end where they stand, nothing uncommitted reaches the disk."""
         ctl = self.ctl
@@ -211,6 +231,9 @@ class Sim:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.ctl = None
+        # a request the dead controller had taken but not acted on is gone with it (the CLI's file
+        # was consumed): not a broken promise of the loop, so no longer checked
+        self.restarts_asked.clear()
 
     async def restart_controller(self, why: str, *, same_settings: bool = False) -> None:
         self.note(f"controller restart ({why})")
@@ -323,7 +346,7 @@ class Sim:
             return
         elif kind == "restart" and name in ctl.agents:
             self.note(f"agentctl restart {name}")
-            ctl.manual_restart(name)
+            self.restart_request(name)
             return
         elif kind == "kill":
             await self.restart_controller("SIGKILL between passes")
@@ -365,6 +388,24 @@ class Sim:
                     f"pid {proc.pid} of {proc.instance} (run {proc.run}) is alive but no record owns it "
                     f"(record: {rec.state if rec else None}, pid {rec.handle.pid if rec and rec.handle else None},"
                     f" run {rec.run_id if rec else None})")
+
+    def check_restarts_honoured(self) -> None:
+        """Every restart a person asked for happened: the instance now runs a process started after
+        the request (and not by the start that was already in flight when it came)."""
+        ctl = self.ctl
+        assert ctl is not None
+        for iid, before, pending in self.restarts_asked:
+            rec = ctl.instances.get(iid)
+            if rec is None or rec.handle is None or rec.terminal is not None or rec.state != RunState.RUNNING:
+                continue  # deleted, scaled down, suspended, failed since: nothing runs to be restarted
+            later = [n for n, (inst, _) in enumerate(self.world.attempts) if inst == iid and n >= before]
+            needed = later[1:] if pending else later  # the in-flight start's own attempt is the old run
+            current = next((n for n, (inst, pid) in enumerate(self.world.attempts)
+                            if inst == iid and pid == rec.handle.pid), -1)
+            if current not in needed:
+                raise InvariantViolation(f"agentctl restart of {iid} was lost: pid {rec.handle.pid} started "
+                                         f"before the request was acted on")
+        self.restarts_asked.clear()
 
     def check_quiescent(self) -> None:
         """After the sweep had its chance: no process of a dead run is left, escapees included."""
@@ -462,6 +503,7 @@ class Sim:
             if waited > QUIET_LIMIT:
                 raise InvariantViolation(f"not converged {QUIET_LIMIT:g}s after the last event: {why}")
         self.check_quiescent()
+        self.check_restarts_honoured()
         await self.restart_controller("final: a restart adopts everything, starts nothing", same_settings=True)
         starts = len(self.world.starts)
         await self.settle()

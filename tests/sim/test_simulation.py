@@ -4,7 +4,8 @@ the real reconcile code against the fakes, with invariants checked after every s
 Invariants (tests/sim/driver.py): never two live processes for one instance id; every live
 process of ours is owned by a live record of its run (nothing reported stopped while alive);
 after the orphan sweep no process of an ended run is left; once events stop every agent
-converges to its manifest within bounded simulated time; a controller restart after that
+converges to its manifest within bounded simulated time; every `agentctl restart` the
+controller took is honoured by a run that starts after it; a controller restart after that
 adopts everything and starts nothing. A failing seed prints its replay command.
 """
 
@@ -27,6 +28,8 @@ FOUND = {
     433: "a deleted-and-recreated agent after a full disk runs the last spec the store has",
     1185: "an escapee of a run that ended just before a controller restart outlived its run",
     1421: "an agent waiting for --max-agents capacity freed in an earlier controller life waited for ever",
+    276: "`agentctl restart` during an instance's first start (no record yet) was dropped",
+    390: "`agentctl restart` during start-up adoption was overwritten by a record read before the await",
 }
 
 
