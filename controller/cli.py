@@ -397,17 +397,9 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 def controller_running(state_dir: Path) -> bool:
-    try:
-        fd = os.open(state_dir / "controller.lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    from controller.opsrequests import lock_held
+
+    return lock_held(state_dir) is True
 
 
 def _check_dirs(settings: Settings) -> None:

@@ -28,7 +28,7 @@ OVERRIDES = "overrides.json"
 
 
 # -- is a controller running on this state dir? ------------------------------------
-def _lock_held(state_dir: Path) -> bool | None:
+def lock_held(state_dir: Path) -> bool | None:
     """True/False from controller.lock's flock; None when there is no lock file."""
     try:
         fd = os.open(state_dir / "controller.lock", os.O_RDONLY | os.O_CLOEXEC)
@@ -67,7 +67,7 @@ def controller_pid(state_dir: Path) -> int | None:
 
 def controller_up(state_dir: Path) -> bool:
     """The lock says it best (it dies with its holder); without one, controller.json's pid."""
-    held = _lock_held(state_dir)
+    held = lock_held(state_dir)
     if held is not None:
         return held
     pid = controller_pid(state_dir)
