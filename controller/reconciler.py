@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal as signals
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentctl")
 PUBLISH_EVERY = 0.05  # seconds between snapshots for the HTTP thread during a burst
 ONCE_DEADLINE = 60.0  # `run --once` gives up waiting for its pass after this long
+PROGRESS_EVERY = 1.0  # seconds between progress lines of the first pass, when a person watches
 
 __all__ = ["AgentState", "Controller", "Snapshot"]
 
@@ -80,6 +82,7 @@ class Controller:
         self.manifests_changed = True
         self.controller_id = ""
         self._published_at = 0.0
+        self._first_pass_seen: set[str] = set()  # agents reconciled since start-up, until ready
         self._commit_retry: asyncio.TimerHandle | None = None
         self._fleet: FleetHooks | None = None
         self._stop_event: asyncio.Event | None = None
@@ -330,6 +333,8 @@ class Controller:
             # catches what no exit announced (a slot freed while another controller life ran)
             self.queue.at_most(name, now + 1.0)
         agent.pending_reason = plan.pending_reason
+        if not self.ready:
+            self._first_pass_seen.add(name)
         if not agent.present and not self.table.of(name):
             self._drop_agent(name)
             return
@@ -468,12 +473,18 @@ class Controller:
         await self.start_up()
         first_pass = True
         once_deadline = self.clock.monotonic() + ONCE_DEADLINE
+        # a person watching the terminal sees the first pass over many agents progress
+        shown = self.clock.monotonic() if sys.stderr.isatty() else None
         while not stop_event.is_set():
             self.step()
             if self.tasks:
                 await asyncio.wait([*self.tasks.values(), *self.exits.tasks],
-                                   timeout=self.queue.next_timeout(self.clock.monotonic()),
+                                   timeout=PROGRESS_EVERY if shown is not None and first_pass
+                                   else self.queue.next_timeout(self.clock.monotonic()),
                                    return_when=asyncio.FIRST_COMPLETED)
+                if first_pass and shown is not None and self.clock.monotonic() - shown >= PROGRESS_EVERY:
+                    shown = self.clock.monotonic()
+                    log.info("first reconcile pass: %d of %d agents", len(self._first_pass_seen), len(self.agents))
                 if self.clock.monotonic() - self._published_at >= PUBLISH_EVERY:
                     self.publish()  # during a burst at most every PUBLISH_EVERY; at once when idle
                 continue
@@ -481,6 +492,7 @@ class Controller:
                 first_pass = False
                 await asyncio.to_thread(self.status.flush)  # status files are there when /readyz says so
                 self.ready = True
+                self._first_pass_seen.clear()
                 log.info("first reconcile pass done: %d agents, %d instances", len(self.agents), len(self.instances))
             self.publish()
             if self.settings.once and (self.quiet() and self._nothing_to_start()

@@ -105,10 +105,14 @@ async def _main(controller: Controller, settings: Settings, fleet: Any = None) -
         loop.add_signal_handler(sig, stop.set)
     from controller.health import health_loop
 
-    if controller.git is not None:
-        result = await asyncio.to_thread(controller.git.sync)  # the first revision, before the first pass
+    if controller.git is not None:  # the first revision, before the first pass; a clone can take a while
+        began = time.monotonic()
+        log.info("fetching %s (the first revision, before the first pass)", controller.git.url)
+        result = await asyncio.to_thread(controller.git.sync)
         if result.error:
             log.error("%s", fetch_error(controller.git.url, result.error))  # opscli: says "git fetch" once
+        else:
+            log.info("fetched %s at %s in %.1fs", controller.git.url, result.revision, time.monotonic() - began)
     background = [] if settings.once else [watch_files(controller, stop), resync_ticker(controller, stop, settings.resync),
                                            health_loop(controller, stop)]
     if controller.git is not None and not settings.once:

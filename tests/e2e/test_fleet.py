@@ -199,6 +199,9 @@ def info_series(ctl: HostController) -> set[str]:
 def test_pushes_that_add_move_and_delete_agents_converge_on_both_hosts(repo: Repo, hosts: Make) -> None:
     a = hosts("host-a", repo, "zone=eu").start()
     b = hosts("host-b", repo, "gpu=true,zone=eu").start()
+    # the first fetch, which can take a while, is announced before the first pass starts
+    log = a.log()
+    assert f"fetching {repo.url}" in log and log.index(f"fetching {repo.url}") < log.index("first reconcile pass done")
 
     # add: one agent for every host, one pinned by name, one placed by label
     c1 = repo.push({
