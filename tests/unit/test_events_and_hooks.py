@@ -1,0 +1,152 @@
+"""Activity from the providers' own signals (CONTRACT §9): the JSON events of headless runs
+(recorded from the real CLIs, tests/fixtures/events), the hook state interactive sessions
+write, and how a hook state is weighed against the screen."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller import events, hooks, hookstate
+from controller.activity import Activity, Reading
+
+EVENTS = Path(__file__).resolve().parent.parent / "fixtures" / "events"
+
+
+def fixture(name: str) -> bytes:
+    return (EVENTS / f"{name}.jsonl").read_bytes()
+
+
+def prefix(name: str, lines: int) -> bytes:
+    return b"".join(fixture(name).splitlines(keepends=True)[:lines])
+
+
+@pytest.mark.parametrize(("name", "lines", "activity", "reason"), [
+    ("claude-2.1.332-offline-retrying", 1, Activity.WORKING, "Started"),
+    ("claude-2.1.332-offline-retrying", 99, Activity.UNKNOWN, "Reconnecting"),
+    ("claude-2.1.332-not-logged-in", 99, Activity.UNKNOWN, "ResultError"),
+    ("claude-schema-tool-turn", 2, Activity.WORKING, "Assistant"),
+    ("claude-schema-tool-turn", 3, Activity.WORKING, "ToolResult"),
+    ("claude-schema-tool-turn", 99, Activity.IDLE, "Result"),
+    ("codex-0.171.0-offline-reconnecting", 2, Activity.WORKING, "TurnStarted"),
+    ("codex-0.171.0-offline-reconnecting", 99, Activity.UNKNOWN, "Reconnecting"),
+    ("codex-schema-turn-completed", 3, Activity.WORKING, "Item"),
+    ("codex-schema-turn-completed", 99, Activity.IDLE, "TurnCompleted"),
+    ("codex-schema-turn-failed", 99, Activity.UNKNOWN, "TurnFailed"),
+])
+def test_the_newest_event_of_a_headless_run_tells_its_activity(name: str, lines: int, activity: Activity,
+                                                               reason: str) -> None:
+    reading = events.classify_tail(prefix(name, lines), name.split("-")[0], from_start=True)
+    assert reading is not None and (reading.activity, reading.reason) == (activity, reason)
+
+
+def test_a_line_still_being_written_and_the_cut_first_line_are_not_read() -> None:
+    tail = fixture("claude-schema-tool-turn")
+    half = tail[: len(tail) - 40]  # the result line is half written: the last whole event counts
+    assert events.classify_tail(half, "claude", from_start=True) == events.classify_tail(
+        prefix("claude-schema-tool-turn", 4), "claude", from_start=True)
+    # a tail that starts inside a line does not take its end for an event
+    cut = b'"type":"result"}\n' + b"plain text of a wrapper\n"
+    assert events.classify_tail(cut, "claude") is None
+
+
+def test_other_output_between_events_is_skipped() -> None:
+    noisy = prefix("codex-schema-turn-completed", 2) + b"WARNING: proceeding\n{not json\n[1,2]\n"
+    reading = events.classify_tail(noisy, "codex", from_start=True)
+    assert reading is not None and reading.reason == "TurnStarted"
+    assert events.classify_tail(b"no events at all\n", "codex", from_start=True) is None
+    assert events.classify_tail(fixture("codex-schema-turn-completed"), "mybot", from_start=True) is None
+
+
+def test_retries_are_not_progress_but_new_events_are() -> None:
+    retrying = fixture("claude-2.1.332-offline-retrying")
+    fewer = b"".join(retrying.splitlines(keepends=True)[:-1])
+    one, two = (events.classify_tail(t, "claude", from_start=True) for t in (fewer, retrying))
+    assert one is not None and two is not None and one.fingerprint == two.fingerprint
+    a, b = (events.classify_tail(prefix("claude-schema-tool-turn", n), "claude", from_start=True) for n in (2, 4))
+    assert a is not None and b is not None and a.fingerprint != b.fingerprint
+
+
+# -- the hook command ------------------------------------------------------------------------
+def run_hook(state: Path, activity: str, stdin: str = "", *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*hooks.command(state, activity), *extra], input=stdin, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_the_hook_command_writes_the_state_the_sampler_reads(tmp_path: Path) -> None:
+    state = tmp_path / "a-0.activity"
+    done = run_hook(state, "Working", json.dumps({"hook_event_name": "UserPromptSubmit", "prompt": "hi"}))
+    assert done.returncode == 0, done.stderr
+    got = hooks.read_state(state)
+    assert got is not None and (got.activity, got.reason) == (Activity.WORKING, "UserPromptSubmit")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    # claude's Notification after 60 s at its prompt is Idle, not a question
+    run_hook(state, "WaitingForInput", json.dumps({"hook_event_name": "Notification", "notification_type": "idle_prompt"}))
+    got = hooks.read_state(state)
+    assert got is not None and got.activity == Activity.IDLE
+    # codex's notify appends its JSON as the last argument
+    run_hook(state, "Idle", "", json.dumps({"type": "agent-turn-complete", "turn-id": "1"}))
+    got = hooks.read_state(state)
+    assert got is not None and (got.activity, got.reason) == (Activity.IDLE, "AgentTurnComplete")
+
+
+def test_a_broken_hook_never_fails_the_provider(tmp_path: Path) -> None:
+    assert run_hook(tmp_path / "missing-dir" / "a.activity", "Idle").returncode == 0
+    assert run_hook(tmp_path / "a.activity", "Sleeping").returncode == 0
+    assert hooks.read_state(tmp_path / "a.activity") is None
+    (tmp_path / "b.activity").write_text("{garbage")
+    assert hooks.read_state(tmp_path / "b.activity") is None
+
+
+def test_claude_settings_run_the_hook_command_for_each_event(tmp_path: Path) -> None:
+    state = tmp_path / "run" / "a-0.activity"
+    doc = hooks.claude_settings(state)
+    path = hooks.settings_path(tmp_path / "run", "a-0")
+    hooks.write_settings(path, doc)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    written = json.loads(path.read_text())["hooks"]
+    assert set(written) == {"UserPromptSubmit", "PostToolUse", "Stop", "Notification"}
+    cmd = written["Stop"][0]["hooks"][0]["command"]
+    assert cmd.split()[-2:] == [str(state), "Idle"] and hookstate.__file__.rstrip("c") in cmd
+
+
+def test_the_codex_notify_override_is_a_toml_array_of_the_command(tmp_path: Path) -> None:
+    import tomllib
+
+    value = hooks.codex_notify(tmp_path / "a-0.activity")
+    assert tomllib.loads(value)["notify"] == [sys.executable, "-I", "-S", hooks.HOOKSTATE,
+                                              str(tmp_path / "a-0.activity"), "Idle"]
+
+
+# -- weighing a hook state against the screen ------------------------------------------------
+SCREEN_WORKING = Reading(Activity.WORKING, "Working", "fp")
+TRUST = Reading(Activity.WAITING_FOR_INPUT, "TrustPrompt", "fp")
+
+
+def test_without_a_hook_state_of_this_run_the_screen_decides() -> None:
+    assert hooks.combine(TRUST, 10.0, None, provider="claude", run_started=0.0) == TRUST
+    old = hooks.HookState(Activity.IDLE, "Stop", 5.0)  # from the run before
+    assert hooks.combine(SCREEN_WORKING, 10.0, old, provider="claude", run_started=8.0) == SCREEN_WORKING
+
+
+def test_a_fresh_hook_state_wins_over_the_screen() -> None:
+    stop = hooks.HookState(Activity.IDLE, "Stop", 20.0)
+    got = hooks.combine(SCREEN_WORKING, 25.0, stop, provider="claude", run_started=1.0)
+    assert got == Reading(Activity.IDLE, "Stop", "fp")  # the screen's fingerprint still tracks progress
+
+
+def test_a_dialog_the_screen_shows_after_the_last_hook_wins() -> None:
+    working = hooks.HookState(Activity.WORKING, "UserPromptSubmit", 20.0)
+    assert hooks.combine(TRUST, 25.0, working, provider="claude", run_started=1.0) == TRUST
+    assert hooks.combine(TRUST, 15.0, working, provider="claude", run_started=1.0).activity == Activity.WORKING
+
+
+def test_codex_working_on_screen_after_its_last_notify_wins() -> None:
+    done = hooks.HookState(Activity.IDLE, "AgentTurnComplete", 20.0)
+    assert hooks.combine(SCREEN_WORKING, 30.0, done, provider="codex", run_started=1.0) == SCREEN_WORKING
+    assert hooks.combine(SCREEN_WORKING, 30.0, done, provider="claude", run_started=1.0).activity == Activity.IDLE
