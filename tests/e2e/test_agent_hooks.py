@@ -24,6 +24,7 @@ import yaml
 from tests.e2e.test_agent_activity import (CLI_BIN, DEADLINE, NO_CLIS, REFUSED, agent_yaml, inst, metric,
                                            wait_activity, write_config)
 from tests.e2e.test_supervisors import cleanup_supervisors  # noqa: F401 - the fixture
+from tests.fakeapi import FakeModelApi
 from tests.helpers import Controller, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -183,3 +184,88 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, 9)
     except ProcessLookupError:
         pass
+
+
+# -- the real CLIs, finishing a turn against a model API on loopback (tests/fakeapi.py) ----------
+@pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_claude_interactive_is_idle_when_its_stop_hook_says_so(
+        ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
+    cleanup_supervisors(ctl)
+    assert CLI_BIN is not None
+    home, work = ctl.root / "home", ctl.root / "work"
+    home.mkdir()
+    work.mkdir()
+    key = "sk-ant-loopback-0123456789abcdefghij"
+    (home / ".claude.json").write_text(json.dumps({  # no onboarding, trust or API-key question first
+        "hasCompletedOnboarding": True, "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+        "projects": {str(work): {"hasTrustDialogAccepted": True}}}))
+    config = write_config(ctl, claude={"executable": str(Path(CLI_BIN) / "claude")})
+    with FakeModelApi() as api:
+        env = {"HOME": str(home), "HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "NO_PROXY": "127.0.0.1",
+               "ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": key, "TERM": "xterm-256color",
+               "PATH": f"{CLI_BIN}:{os.environ.get('PATH', os.defpath)}"}
+        ctl.write("a.yaml", agent_yaml("cl", "claude", cwd="work", env=env, prompt="say hi", restartPolicy="Never"))
+        ctl.start("--config", str(config))
+        doc = wait_activity(ctl, "cl", "Idle", "Stop")
+        assert any("/messages" in path for path in api.requests), api.requests
+        assert (ctl.status("cl") or {}).get("phase") == "Running" and inst(doc)["pid"]
+        ctl.cleanup()  # ends claude before its API goes away
+
+
+@pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
+def test_real_codex_headless_turn_goes_working_then_idle_from_its_events(ctl: Controller) -> None:
+    assert CLI_BIN is not None
+    home, work = ctl.root / "home", ctl.root / "work"
+    (home / ".codex").mkdir(parents=True)
+    work.mkdir()
+    with FakeModelApi() as api:
+        (home / ".codex" / "config.toml").write_text(
+            f'model_provider = "loopback"\nmodel = "gpt-5"\n[model_providers.loopback]\nname = "loopback"\n'
+            f'base_url = "{api.url}/v1"\nwire_api = "responses"\nenv_key = "OPENAI_API_KEY"\n'
+            'supports_websockets = false\n[features]\ndaemon_auto_start = false\n')
+        # a wrapper that keeps the instance alive after codex's turn, so its activity can be seen
+        wrapper = standin(ctl, "codex-then-wait", f"import subprocess, sys, time\n"
+                          f"subprocess.run([{str(Path(CLI_BIN) / 'codex')!r}, *sys.argv[1:]], stdin=subprocess.DEVNULL)\n"
+                          "time.sleep(120)\n")
+        config = write_config(ctl, codex={"executable": str(wrapper)})
+        env = {"HOME": str(home), "HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "NO_PROXY": "127.0.0.1",
+               "OPENAI_API_KEY": "sk-loopback", "PATH": f"{CLI_BIN}:{os.environ.get('PATH', os.defpath)}"}
+        body = yaml.safe_load(agent_yaml("cx", "codex", cwd="work", env=env, prompt="say hi"))
+        body["spec"]["supervisor"] = "process"
+        ctl.write("a.yaml", yaml.safe_dump(body))
+        ctl.start("--config", str(config))
+        doc = wait_activity(ctl, "cx", "Idle", "TurnCompleted")
+        assert any("/responses" in path for path in api.requests), api.requests
+        assert inst(doc)["pid"]
+        ctl.cleanup()
+
+
+@pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_codex_interactive_is_idle_when_its_notify_says_so(
+        ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
+    cleanup_supervisors(ctl)
+    assert CLI_BIN is not None
+    home, work = ctl.root / "home", ctl.root / "work"
+    (home / ".codex").mkdir(parents=True)
+    work.mkdir()
+    with FakeModelApi() as api:
+        (home / ".codex" / "config.toml").write_text(
+            f'model_provider = "loopback"\nmodel = "gpt-5"\n[model_providers.loopback]\nname = "loopback"\n'
+            f'base_url = "{api.url}/v1"\nwire_api = "responses"\nenv_key = "OPENAI_API_KEY"\n'
+            'supports_websockets = false\n[features]\ndaemon_auto_start = false\n'
+            f'[projects."{work}"]\ntrust_level = "trusted"\n')
+        config = write_config(ctl, codex={"executable": str(Path(CLI_BIN) / "codex")})
+        env = {"HOME": str(home), "HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "NO_PROXY": "127.0.0.1",
+               "OPENAI_API_KEY": "sk-loopback", "TERM": "xterm-256color",
+               "PATH": f"{CLI_BIN}:{os.environ.get('PATH', os.defpath)}"}
+        ctl.write("a.yaml", agent_yaml("cx", "codex", cwd="work", env=env, prompt="say hi", restartPolicy="Never"))
+        ctl.start("--config", str(config))
+        try:
+            doc = wait_activity(ctl, "cx", "Idle", "AgentTurnComplete")
+        except AssertionError:
+            raise AssertionError(ctl.cli("capture", "cx").stdout) from None
+        assert any("/responses" in path for path in api.requests), api.requests
+        assert inst(doc)["pid"]
+        ctl.cleanup()

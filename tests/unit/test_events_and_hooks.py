@@ -38,6 +38,10 @@ def prefix(name: str, lines: int) -> bytes:
     ("codex-schema-turn-completed", 3, Activity.WORKING, "Item"),
     ("codex-schema-turn-completed", 99, Activity.IDLE, "TurnCompleted"),
     ("codex-schema-turn-failed", 99, Activity.UNKNOWN, "TurnFailed"),
+    ("claude-2.1.332-loopback-turn", 2, Activity.WORKING, "Assistant"),
+    ("claude-2.1.332-loopback-turn", 99, Activity.IDLE, "Result"),
+    ("codex-0.171.0-loopback-turn", 3, Activity.WORKING, "TurnStarted"),
+    ("codex-0.171.0-loopback-turn", 99, Activity.IDLE, "TurnCompleted"),
 ])
 def test_the_newest_event_of_a_headless_run_tells_its_activity(name: str, lines: int, activity: Activity,
                                                                reason: str) -> None:
