@@ -134,13 +134,13 @@ class ActivitySampler:
         if track.screen is None or (track.screen.activity, track.screen.reason) != (screen.activity, screen.reason):
             track.screen_since = time.time()
         track.screen = screen
-        return hooks.combine(screen, track.screen_since, hook, provider=provider,
+        return hooks.combine(screen, hook, screen_since=track.screen_since, provider=provider,
                              run_started=rec.started_at) or screen
 
     async def _sample_events(self, rec: InstanceRecord, track: Track, provider: str) -> None:
         try:
             path = self.controller.log_path(rec.id)
-            size, tail = await asyncio.to_thread(_log_tail, path, rec.log_offset, track.log_size)
+            size, tail = await asyncio.to_thread(_log_tail, path, rec.log_offset, seen_size=track.log_size)
             if self.tracks.get(rec.id) is not track or tail is None:
                 return  # gone, or the log has not grown since the last look
             track.log_size = size
@@ -190,7 +190,7 @@ def _capture_and_hook(sup: TmuxSupervisor, rec: InstanceRecord, state: Path) -> 
     return screen, hooks.read_state(state)
 
 
-def _log_tail(path: Path, offset: int, seen_size: int) -> tuple[int, bytes | None]:
+def _log_tail(path: Path, offset: int, *, seen_size: int) -> tuple[int, bytes | None]:
     """In a worker thread: the log's size and its last events.TAIL_BYTES of this run (None when
     its size is what it was at the last look: nothing new to parse)."""
     try:

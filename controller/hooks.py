@@ -102,7 +102,7 @@ def _reason(event: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in event.replace("_", "-").split("-")) or "Hook"
 
 
-def combine(screen: Reading | None, screen_since: float, hook: HookState | None, *, provider: str,
+def combine(screen: Reading | None, hook: HookState | None, *, screen_since: float, provider: str,
             run_started: float) -> Reading | None:
     """The reading status shows: a hook state of this run, unless the screen shows an overriding
     activity that began after the hook ran (a dialog no hook reported). Times are wall clock."""

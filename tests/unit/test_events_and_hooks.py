@@ -133,24 +133,41 @@ TRUST = Reading(Activity.WAITING_FOR_INPUT, "TrustPrompt", "fp")
 
 
 def test_without_a_hook_state_of_this_run_the_screen_decides() -> None:
-    assert hooks.combine(TRUST, 10.0, None, provider="claude", run_started=0.0) == TRUST
+    assert hooks.combine(TRUST, None, screen_since=10.0, provider="claude", run_started=0.0) == TRUST
     old = hooks.HookState(Activity.IDLE, "Stop", 5.0)  # from the run before
-    assert hooks.combine(SCREEN_WORKING, 10.0, old, provider="claude", run_started=8.0) == SCREEN_WORKING
+    assert hooks.combine(SCREEN_WORKING, old, screen_since=10.0, provider="claude", run_started=8.0) == SCREEN_WORKING
 
 
 def test_a_fresh_hook_state_wins_over_the_screen() -> None:
     stop = hooks.HookState(Activity.IDLE, "Stop", 20.0)
-    got = hooks.combine(SCREEN_WORKING, 25.0, stop, provider="claude", run_started=1.0)
+    got = hooks.combine(SCREEN_WORKING, stop, screen_since=25.0, provider="claude", run_started=1.0)
     assert got == Reading(Activity.IDLE, "Stop", "fp")  # the screen's fingerprint still tracks progress
 
 
 def test_a_dialog_the_screen_shows_after_the_last_hook_wins() -> None:
     working = hooks.HookState(Activity.WORKING, "UserPromptSubmit", 20.0)
-    assert hooks.combine(TRUST, 25.0, working, provider="claude", run_started=1.0) == TRUST
-    assert hooks.combine(TRUST, 15.0, working, provider="claude", run_started=1.0).activity == Activity.WORKING
+    assert hooks.combine(TRUST, working, screen_since=25.0, provider="claude", run_started=1.0) == TRUST
+    assert hooks.combine(TRUST, working, screen_since=15.0, provider="claude", run_started=1.0).activity == Activity.WORKING
 
 
 def test_codex_working_on_screen_after_its_last_notify_wins() -> None:
     done = hooks.HookState(Activity.IDLE, "AgentTurnComplete", 20.0)
-    assert hooks.combine(SCREEN_WORKING, 30.0, done, provider="codex", run_started=1.0) == SCREEN_WORKING
-    assert hooks.combine(SCREEN_WORKING, 30.0, done, provider="claude", run_started=1.0).activity == Activity.IDLE
+    assert hooks.combine(SCREEN_WORKING, done, screen_since=30.0, provider="codex", run_started=1.0) == SCREEN_WORKING
+    assert hooks.combine(SCREEN_WORKING, done, screen_since=30.0, provider="claude", run_started=1.0).activity == Activity.IDLE
+
+
+# -- the sampler's bounded read of a log tail ------------------------------------------------
+def test_the_log_tail_is_bounded_starts_at_the_run_and_survives_rotation(tmp_path: Path) -> None:
+    from controller.activity_sampler import _log_tail
+
+    log = tmp_path / "a-0.log"
+    log.write_bytes(b"x" * 100 + fixture("codex-schema-turn-completed"))
+    size, tail = _log_tail(log, 100, seen_size=-1)
+    assert tail == fixture("codex-schema-turn-completed") and size == log.stat().st_size
+    assert _log_tail(log, 100, seen_size=size) == (size, None)  # unchanged: nothing to parse
+    log.write_bytes(b"z" * (events.TAIL_BYTES + 10))
+    assert len(_log_tail(log, 0, seen_size=size)[1] or b"") == events.TAIL_BYTES
+    log.write_bytes(b'{"type":"turn.started"}\n')  # rotated: smaller than the run's offset
+    size, tail = _log_tail(log, 5000, seen_size=-1)
+    assert events.classify_tail(tail or b"", "codex", from_start=True) is not None
+    assert _log_tail(tmp_path / "gone.log", 0, seen_size=7) == (7, None)
