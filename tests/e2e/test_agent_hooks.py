@@ -189,6 +189,7 @@ def _kill_group(pgid: int) -> None:
 # -- the real CLIs, finishing a turn against a model API on loopback (tests/fakeapi.py) ----------
 @pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+@pytest.mark.timeout(400)
 def test_real_claude_interactive_is_idle_when_its_stop_hook_says_so(
         ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
     cleanup_supervisors(ctl)
@@ -210,6 +211,11 @@ def test_real_claude_interactive_is_idle_when_its_stop_hook_says_so(
         doc = wait_activity(ctl, "cl", "Idle", "Stop")
         assert any("/messages" in path for path in api.requests), api.requests
         assert (ctl.status("cl") or {}).get("phase") == "Running" and inst(doc)["pid"]
+        # a minute at its prompt, claude notifies "waiting for your input": still Idle, nobody is asked
+        state = ctl.state / "run" / "cl-0.activity"
+        wait_for(lambda: json.loads(state.read_text())["event"] == "Notification", 150,
+                 message="claude's idle notification")
+        wait_activity(ctl, "cl", "Idle", "Notification")
         ctl.cleanup()  # ends claude before its API goes away
 
 

@@ -99,6 +99,18 @@ def test_the_hook_command_writes_the_state_the_sampler_reads(tmp_path: Path) -> 
     assert got is not None and (got.activity, got.reason) == (Activity.IDLE, "AgentTurnComplete")
 
 
+def test_the_payloads_real_claude_gives_its_hooks_map_to_activities() -> None:
+    configured = {**hooks.CLAUDE_HOOKS}
+    seen = []
+    for line in (EVENTS / "claude-2.1.332-hook-payloads.jsonl").read_text().splitlines():
+        data = json.loads(line)
+        event = data["hook_event_name"]
+        if event in configured:
+            seen.append((event, hookstate.state(configured[event], data, 1.0)["activity"]))
+    # the Notification after a minute at the prompt is not a person being asked something
+    assert seen == [("UserPromptSubmit", "Working"), ("Stop", "Idle"), ("Notification", "Idle")]
+
+
 def test_a_broken_hook_never_fails_the_provider(tmp_path: Path) -> None:
     assert run_hook(tmp_path / "missing-dir" / "a.activity", "Idle").returncode == 0
     assert run_hook(tmp_path / "a.activity", "Sleeping").returncode == 0
