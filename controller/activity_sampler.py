@@ -13,9 +13,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controller import events, hooks
 from controller.activity import QUIET, Activity, Observation, Reading, classify, has_profile
