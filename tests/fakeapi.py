@@ -19,6 +19,29 @@ def _sse(events: list[tuple[str, dict[str, Any]]]) -> bytes:
     return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
 
 
+def anthropic_tool_use(model: str, command: str) -> bytes:
+    """A turn that runs a shell command: claude asks for permission unless its mode allows it."""
+    message = {"id": "msg_2", "type": "message", "role": "assistant", "model": model, "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}
+    block = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {}}
+    args = json.dumps({"command": command, "description": "Touch a file"})
+    return _sse([
+        ("message_start", {"type": "message_start", "message": message}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "input_json_delta", "partial_json": args}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+                           "usage": {"output_tokens": 1}}),
+        ("message_stop", {"type": "message_stop"}),
+    ])
+
+
+def _wants_a_turn(body: dict[str, Any]) -> bool:
+    """The main conversation (it offers tools) before any tool result came back."""
+    return bool(body.get("tools")) and "tool_result" not in json.dumps(body.get("messages", []))
+
+
 def anthropic_stream(model: str) -> bytes:
     message = {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [],
                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}
@@ -72,6 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(b'{"input_tokens": 5}', "application/json")
         elif "/messages" in self.path:
             stream = bool(body.get("stream"))
+            command = self.server.tool_command  # type: ignore[attr-defined]
+            if stream and command and _wants_a_turn(body):
+                self._send(anthropic_tool_use(model, command), "text/event-stream")
+                return
             self._send(anthropic_stream(model) if stream else anthropic_message(model),
                        "text/event-stream" if stream else "application/json")
         elif "/responses" in self.path:
@@ -89,11 +116,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FakeModelApi:
-    """`with FakeModelApi() as api:` serves on api.url until the block ends."""
+    """`with FakeModelApi() as api:` serves on api.url until the block ends. With `tool_command`,
+    claude's turn asks to run that shell command first."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tool_command: str = "") -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
+        self.server.tool_command = tool_command  # type: ignore[attr-defined]
         self.server.requests = []  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 

@@ -275,3 +275,36 @@ def test_real_codex_interactive_is_idle_when_its_notify_says_so(
         assert any("/responses" in path for path in api.requests), api.requests
         assert inst(doc)["pid"]
         ctl.cleanup()
+
+
+@pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_real_claude_asking_permission_waits_for_a_person_by_its_notification_hook(
+        ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
+    cleanup_supervisors(ctl)
+    assert CLI_BIN is not None
+    home, work = ctl.root / "home", ctl.root / "work"
+    home.mkdir()
+    work.mkdir()
+    key = "sk-ant-loopback-0123456789abcdefghij"
+    (home / ".claude.json").write_text(json.dumps({
+        "hasCompletedOnboarding": True, "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+        "projects": {str(work): {"hasTrustDialogAccepted": True}}}))
+    config = write_config(ctl, claude={"executable": str(Path(CLI_BIN) / "claude")})
+    with FakeModelApi(tool_command="touch asked-first") as api:
+        env = {"HOME": str(home), "HTTPS_PROXY": REFUSED, "HTTP_PROXY": REFUSED, "NO_PROXY": "127.0.0.1",
+               "ANTHROPIC_BASE_URL": api.url, "ANTHROPIC_API_KEY": key, "TERM": "xterm-256color",
+               "PATH": f"{CLI_BIN}:{os.environ.get('PATH', os.defpath)}"}
+        ctl.write("a.yaml", agent_yaml("cl", "claude", cwd="work", env=env, prompt="touch a file",
+                                       approvalMode="default", restartPolicy="Never"))
+        ctl.start("--config", str(config))
+        state = ctl.state / "run" / "cl-0.activity"
+        try:
+            wait_for(lambda: state.exists() and json.loads(state.read_text())["event"] == "Notification", DEADLINE,
+                     message="claude's permission notification")
+        except AssertionError:
+            raise AssertionError(ctl.cli("capture", "cl").stdout) from None
+        assert json.loads(state.read_text())["activity"] == "WaitingForInput"
+        wait_activity(ctl, "cl", "WaitingForInput")
+        assert not (work / "asked-first").exists()  # nobody answered: the command did not run
+        ctl.cleanup()
