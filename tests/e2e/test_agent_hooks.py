@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.e2e.test_agent_activity import (CLI_BIN, DEADLINE, NO_CLIS, REFUSED, agent_yaml, inst, metric,
-                                           wait_activity, write_config)
+                                           send_keys, wait_activity, write_config)
 from tests.e2e.test_supervisors import cleanup_supervisors  # noqa: F401 - the fixture
 from tests.fakeapi import FakeModelApi
 from tests.helpers import Controller, wait_for
@@ -279,7 +279,7 @@ def test_real_codex_interactive_is_idle_when_its_notify_says_so(
 
 @pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_real_claude_asking_permission_waits_for_a_person_by_its_notification_hook(
+def test_real_claude_asking_permission_waits_for_a_person_then_finishes_once_allowed(
         ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
     cleanup_supervisors(ctl)
     assert CLI_BIN is not None
@@ -307,4 +307,7 @@ def test_real_claude_asking_permission_waits_for_a_person_by_its_notification_ho
         assert json.loads(state.read_text())["activity"] == "WaitingForInput"
         wait_activity(ctl, "cl", "WaitingForInput")
         assert not (work / "asked-first").exists()  # nobody answered: the command did not run
+        send_keys(ctl, "cl-0", "Enter")  # its first answer: yes, run it
+        wait_activity(ctl, "cl", "Idle", "Stop")  # the command ran, the turn ended
+        assert (work / "asked-first").exists()
         ctl.cleanup()
