@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +184,41 @@ def test_the_log_tail_is_bounded_starts_at_the_run_and_survives_rotation(tmp_pat
     size, tail = _log_tail(log, 5000, seen_size=-1)
     assert events.classify_tail(tail or b"", "codex", from_start=True) is not None
     assert _log_tail(tmp_path / "gone.log", 0, seen_size=7) == (7, None)
+
+
+# -- the argv of a start (sessions.prepare) ---------------------------------------------------
+def prepared(tmp_path: Path, provider: str, *, write_files: bool = True, **spec: Any) -> list[str]:
+    from controller import sessions
+    from controller.providers import BUILTIN
+    from tests.unit.builders import desired
+
+    agent = desired("rev", command=None, provider=provider, **spec)
+    inst = agent.instances[0]
+    got, session = sessions.prepare(inst, agent.spec, BUILTIN, None, log_path=tmp_path / "logs" / "rev-0.log",
+                                    write_files=write_files)
+    assert list(session.argv) == list(got.argv)  # what the record (describe's Command) shows
+    return list(got.argv)
+
+
+def test_an_interactive_claude_start_gets_its_hook_settings_and_the_spec_keeps_none(tmp_path: Path) -> None:
+    settings = tmp_path / "run" / "rev-0.claude-settings.json"
+    assert prepared(tmp_path, "claude", write_files=False, supervisor="tmux", prompt="p") == [
+        "claude", "--settings", str(settings), "--", "p"]
+    assert not settings.exists()  # plan
+    prepared(tmp_path, "claude", supervisor="tmux", prompt="p")
+    assert stat.S_IMODE(settings.stat().st_mode) == 0o600 and json.loads(settings.read_text())["hooks"]
+    with_session = prepared(tmp_path, "claude", supervisor="tmux", prompt="p", session={"resume": True})
+    assert with_session[1] == "--session-id" and with_session[3:5] == ["--settings", str(settings)]
+    # headless claude reads its events instead: no settings
+    assert "--settings" not in prepared(tmp_path, "claude", supervisor="process", prompt="p")
+
+
+def test_an_interactive_codex_start_gets_its_notify_program(tmp_path: Path) -> None:
+    argv = prepared(tmp_path, "codex", supervisor="tmux")
+    assert argv == ["codex", "--no-daemon", "-c", hooks.codex_notify(tmp_path / "run" / "rev-0.activity")]
+    assert "notify" not in " ".join(prepared(tmp_path, "codex", supervisor="process", prompt="p"))
+
+
+def test_a_settings_file_that_cannot_be_written_leaves_the_start_without_hooks(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("not a directory")
+    assert prepared(tmp_path, "claude", supervisor="tmux", prompt="p") == ["claude", "--", "p"]
