@@ -15,7 +15,7 @@ from typing import Any, Union
 
 from controller.manifests import AgentSpec
 
-PLACEHOLDER = re.compile(r"\{(model|prompt|effort|approvalMode|tags|capabilities|newSessionId|resumeId)\}")
+PLACEHOLDER = re.compile(r"\{(model|prompt|effort|approvalMode|tags|capabilities|newSessionId|resumeId|settingsFile|notifyConfig)\}")
 PROVIDER_ARGS = "{providerArgs}"  # where spec.providerArgs go; appended at the end when a template lacks it
 
 # A template item: a plain arg, or a group dropped whole when any placeholder in it is empty
@@ -37,6 +37,7 @@ class Preset:
     resume: str = ""  # "own-id": we choose the id (claude); "discover": the CLI's id is found (codex)
     headless_needs_prompt: bool = False  # print/exec mode reads stdin without one
     root_refused: tuple[str, ...] = ()  # approval modes the CLI refuses to run as root
+    hooks: str = ""  # activity from the CLI's own hooks in interactive mode: "claude-settings", "codex-notify"
     checked_against: str = ""  # the CLI version these templates were checked with (`--help`, real runs)
 
 
@@ -46,6 +47,8 @@ class SessionArgs:
 
     new_id: str = ""  # claude: --session-id on an instance's first start
     resume_id: str = ""  # claude: our id on later starts; codex: its own discovered id
+    settings_file: str = ""  # claude interactive: the per-instance settings with the activity hooks
+    notify_config: str = ""  # codex interactive: `notify=[...]`, the program told of finished turns
 
 
 CLAUDE_ARGS: tuple[Arg, ...] = (
@@ -54,6 +57,7 @@ CLAUDE_ARGS: tuple[Arg, ...] = (
     ("--model", "{model}"),
     ("--effort", "{effort}"),
     ("--permission-mode", "{approvalMode}"),
+    ("--settings", "{settingsFile}"),  # added to the argv at start (sessions.prepare), never hashed
     PROVIDER_ARGS,
     ("--", "{prompt}"),  # a prompt starting with `-` is never read as a flag
 )
@@ -74,6 +78,7 @@ BUILTIN: dict[str, Preset] = {
         resume="own-id",
         headless_needs_prompt=True,
         root_refused=("bypassPermissions",),
+        hooks="claude-settings",
         checked_against="claude 2.1.332 (Claude Code)",
     ),
     "codex": Preset(
@@ -81,7 +86,7 @@ BUILTIN: dict[str, Preset] = {
         # --no-daemon: else the TUI starts a shared app-server that leaves the instance's process
         # group (setsid, parent 1): never stopped with the instance, its memory never counted
         (("resume", "{resumeId}"), "--no-daemon", *CODEX_TAIL, ("--ask-for-approval", "{approvalMode}"),
-         PROVIDER_ARGS, ("--", "{prompt}")),
+         ("-c", "{notifyConfig}"), PROVIDER_ARGS, ("--", "{prompt}")),
         # `codex exec resume` takes neither --sandbox nor --ask-for-approval: both go as config
         # overrides, which every exec form accepts; exec has nobody to ask, so approval is never
         headless_args=("exec", ("resume", "{resumeId}"), "--json", "--skip-git-repo-check",
@@ -92,6 +97,7 @@ BUILTIN: dict[str, Preset] = {
         efforts=("none", "minimal", "low", "medium", "high", "xhigh"),
         resume="discover",
         headless_needs_prompt=True,
+        hooks="codex-notify",
         checked_against="codex-cli 0.171.0",
     ),
 }
@@ -137,6 +143,8 @@ def values_of(spec: AgentSpec, session: SessionArgs | None = None) -> dict[str, 
         "capabilities": ",".join(spec.capabilities or ()),
         "newSessionId": session.new_id,
         "resumeId": session.resume_id,
+        "settingsFile": session.settings_file,
+        "notifyConfig": session.notify_config,
     }
 
 

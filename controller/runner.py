@@ -157,7 +157,7 @@ def _argv_line(controller: Controller, desired: DesiredAgent | None, line: str) 
     if verb not in ("create", "restart") or spec is None or desired is None or desired.spec.provider is None:
         return []
     spec, _ = sessions.prepare(spec, desired.spec, controller.presets, controller.instances.get(iid),
-                               log_path=controller.log_path(iid))
+                               log_path=controller.log_path(iid), write_files=False)
     return [f"    argv: {display_argv(spec.argv)}"]
 
 

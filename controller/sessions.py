@@ -1,8 +1,9 @@
 """Resumable provider sessions (CONTRACT §9 `session: {resume: true}`): the id each start uses.
 
 Runtime layer, called by the reconciler just before an instance starts and by `plan`. Chooses
-our stable id, finds codex's own id (its `--json` log or its session files) and re-renders the
-argv with them. Reads files only; never writes one, never changes the spec hash.
+our stable id, finds codex's own id (its `--json` log or its session files), adds the activity
+hooks of interactive sessions (controller.hooks) and re-renders the argv with them. Writes only
+the hooks' settings file, and only when asked (`plan` does not); never changes the spec hash.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from controller import hooks
 from controller.manifests import AgentSpec
 from controller.model import InstanceRecord, InstanceSpec
-from controller.providers import HEADLESS, Preset, SessionArgs, mode_of, render, resumes
+from controller.providers import HEADLESS, INTERACTIVE, Preset, SessionArgs, mode_of, render, resumes
 
 log = logging.getLogger("agentctl.sessions")
 LOG_SCAN_BYTES = 1 << 20  # the thread id is in the first event of a run: never read a whole log
@@ -39,12 +41,19 @@ class StartSession:
 
 
 def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[str, Preset],
-            prev: InstanceRecord | None, *, log_path: Path,
-            taken: Collection[str] = ()) -> tuple[InstanceSpec, StartSession]:
-    """The spec this start runs (argv with session flags, AGENTCTL_SESSION_ID) and what to record."""
+            prev: InstanceRecord | None, *, log_path: Path, taken: Collection[str] = (),
+            write_files: bool = True) -> tuple[InstanceSpec, StartSession]:
+    """The spec this start runs (argv with session flags and activity hooks, AGENTCTL_SESSION_ID)
+    and what to record. `write_files=False` (plan) computes the same argv and writes nothing."""
     preset = presets.get(agent_spec.provider or "") if agent_spec is not None else None
-    if agent_spec is None or preset is None or not resumes(agent_spec):
+    if agent_spec is None or preset is None:
         return spec, StartSession(argv=spec.argv)
+    hook_args = _hook_args(spec.id, agent_spec, preset, log_path=log_path, write_files=write_files)
+    if not resumes(agent_spec):
+        if hook_args == SessionArgs():
+            return spec, StartSession(argv=spec.argv)
+        argv, _ = render(preset, agent_spec, hook_args)
+        return replace(spec, argv=tuple(argv)), StartSession(argv=tuple(argv))
     same = prev is not None and bool(prev.session_id)
     sid = prev.session_id if prev is not None and same else str(uuid.uuid4())
     started = same and prev is not None and prev.session_started
@@ -61,9 +70,30 @@ def prepare(spec: InstanceSpec, agent_spec: AgentSpec | None, presets: Mapping[s
         if not provider_id and started and prev is not None:
             provider_id = discover(agent_spec, prev, spec, log_path=log_path, taken=taken)
         args = SessionArgs(resume_id=provider_id)
-    argv, _ = render(preset, agent_spec, args)
+    argv, _ = render(preset, agent_spec, replace(args, settings_file=hook_args.settings_file,
+                                                 notify_config=hook_args.notify_config))
     env = tuple(sorted((*spec.env, ("AGENTCTL_SESSION_ID", sid))))
     return replace(spec, argv=tuple(argv), env=env), StartSession(sid, provider_id, tuple(argv))
+
+
+def _hook_args(iid: str, agent_spec: AgentSpec, preset: Preset, *, log_path: Path,
+               write_files: bool) -> SessionArgs:
+    """An interactive session reports its activity through its CLI's hooks (CONTRACT §9); the
+    settings file is rewritten at every start, so a moved install or state dir is followed."""
+    if mode_of(agent_spec) != INTERACTIVE or not preset.hooks:
+        return SessionArgs()
+    run_dir = hooks.run_dir(log_path)
+    state = hooks.state_path(run_dir, iid)
+    if preset.hooks == "codex-notify":
+        return SessionArgs(notify_config=hooks.codex_notify(state))
+    path = hooks.settings_path(run_dir, iid)
+    if write_files:
+        try:
+            hooks.write_settings(path, hooks.claude_settings(state))
+        except OSError as exc:  # the session still starts; its activity comes from its screen
+            log.error("%s: cannot write the hook settings %s: %s; activity from the screen only", iid, path, exc)
+            return SessionArgs()
+    return SessionArgs(settings_file=str(path))
 
 
 def _resume_refused(prev: InstanceRecord, sid: str, log_path: Path) -> bool:

@@ -158,21 +158,6 @@ def test_activity_follows_the_screen_and_logidle_spares_idle_and_waiting_session
     assert "\x1b" not in "\n".join(lines) and "\x1b[" in raw
 
 
-def test_a_provider_instance_without_a_screen_reports_unknown(ctl: Controller) -> None:
-    script = ctl.root / "headless-claude"
-    script.write_text(f"#!{sys.executable}\nimport time\nprint('{{\"type\": \"system\"}}', flush=True)\ntime.sleep(600)\n")
-    script.chmod(0o755)
-    config = write_config(ctl, claude={"executable": str(script)})
-    body = yaml.safe_load(agent_yaml("headless", "claude", cwd=".", env={}))
-    body["spec"]["supervisor"] = "process"
-    body["spec"]["prompt"] = "summarise the repository"  # headless mode needs one (CONTRACT §9)
-    ctl.write("h.yaml", yaml.safe_dump(body))
-    ctl.start("--config", str(config))
-    doc = wait_activity(ctl, "headless", "Unknown", "NoScreen")
-    assert doc["instances"][0]["activitySince"]
-    wait_for(lambda: metric(ctl, "headless").get("Unknown") == 1, DEADLINE, message="metric Unknown")
-
-
 def test_capture_of_an_exited_tmux_instance_shows_its_last_screen(
         ctl: Controller, cleanup_supervisors: Callable[[Controller], None]) -> None:  # noqa: F811
     cleanup_supervisors(ctl)

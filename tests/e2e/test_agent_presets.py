@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
+import controller
 from tests.e2e.test_supervisors import cleanup_supervisors, kill_tmux_server  # noqa: F401 - fixture
 from tests.helpers import Controller, log_text, marked_pids, wait_for
 
@@ -117,6 +118,15 @@ def start(ctl: Controller) -> Controller:
     return ctl.start("--config", str(ctl.config))  # type: ignore[attr-defined]
 
 
+HOOKSTATE = Path(controller.__file__).resolve().parent / "hookstate.py"
+
+
+def notify_of(ctl: Controller, instance: str) -> str:
+    """The `-c notify=[...]` codex is given: the hook command writing the instance's activity."""
+    state = ctl.state / "run" / f"{instance}.activity"
+    return "notify=" + json.dumps([sys.executable, "-I", "-S", str(HOOKSTATE), str(state), "Idle"])
+
+
 def restart(ctl: Controller, name: str, *flags: str) -> None:
     done = ctl.cli("restart", name, *flags)
     assert done.returncode == 0, done.stderr
@@ -152,8 +162,12 @@ def test_interactive_presets_run_on_a_terminal_under_tmux(agents: Controller) ->
     (claude,) = wait_calls(agents, "cl", 1)
     (codex,) = wait_calls(agents, "cx", 1)
     assert claude["tty"] and codex["tty"], "interactive mode runs the TUI on the pane's terminal"
-    assert claude["argv"] == ["--model", "m1", "--effort", "low", "--permission-mode", "plan", "--", "review"]
-    assert codex["argv"] == ["--no-daemon", "--model", "m1", "--ask-for-approval", "on-request", "--", "fix"]
+    # with the activity hooks (CONTRACT §9): claude's per-instance settings, codex's notify program
+    settings = str(agents.state / "run" / "cl-0.claude-settings.json")
+    assert claude["argv"] == ["--model", "m1", "--effort", "low", "--permission-mode", "plan",
+                              "--settings", settings, "--", "review"]
+    assert codex["argv"] == ["--no-daemon", "--model", "m1", "--ask-for-approval", "on-request",
+                             "-c", notify_of(agents, "cx-0"), "--", "fix"]
 
 
 def test_describe_shows_the_command_and_plan_the_argv_of_each_start(agents: Controller) -> None:
@@ -243,13 +257,13 @@ def test_codex_interactive_resumes_the_session_it_recorded(agents: Controller) -
           env={"CODEX_HOME": str(agents.root / "codex-home")})
     start(agents)
     first = wait_calls(agents, "cx", 1)[0]
-    assert first["argv"] == ["--no-daemon"]
+    assert first["argv"] == ["--no-daemon", "-c", notify_of(agents, "cx-0")]
     rollouts = wait_for(lambda: list((agents.root / "codex-home" / "sessions").glob("*/*/*/rollout-*.jsonl")),
                         DEADLINE, message="the stand-in's session file")
     recorded = json.loads(rollouts[0].read_text().splitlines()[0])["payload"]["id"]
     restart(agents, "cx")
     second = wait_calls(agents, "cx", 2)[1]
-    assert second["argv"] == ["resume", recorded, "--no-daemon"]
+    assert second["argv"] == ["resume", recorded, "--no-daemon", "-c", notify_of(agents, "cx-0")]
 
 
 # -- validation -------------------------------------------------------------------------------
