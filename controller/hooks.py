@@ -59,6 +59,16 @@ def settings_path(directory: Path, instance_id: str) -> Path:
     return directory / f"{instance_id}.claude-settings.json"
 
 
+def forget_files(log_path: Path, instance_id: str) -> None:
+    """An instance removed for good leaves no hook state or settings file behind."""
+    directory = run_dir(log_path)
+    for path in (state_path(directory, instance_id), settings_path(directory, instance_id)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a file we cannot remove stays; it is read only for a live run of this id
+
+
 def command(state_file: Path, activity: str) -> list[str]:
     # -I -S: the agent's PYTHONPATH, user site and cwd never change what runs
     return [sys.executable, "-I", "-S", HOOKSTATE, str(state_file), activity]

@@ -12,7 +12,7 @@ import signal as signals
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 
-from controller import logfiles, opsview, records, redact, sessions
+from controller import hooks, logfiles, opsview, records, redact, sessions
 from controller.clock import TimeSource
 from controller.providers import Preset
 from controller.model import Action, ExitReason, Finish, Forget, InstanceRecord, Kill, Schedule, Start, Stop
@@ -168,6 +168,7 @@ class Executor:
 
     def forget(self, instance_id: str) -> None:
         rec = self.table.drop(instance_id)
+        hooks.forget_files(self.exits.log_path(instance_id), instance_id)  # its activity hook files
         if rec is not None:
             reason = rec.last_exit.reason if rec.last_exit else ""
             self.table.event(rec.agent, instance_id, "Stopped", reason, "instance removed")

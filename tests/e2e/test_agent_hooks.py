@@ -134,6 +134,12 @@ def test_claude_hooks_report_working_idle_and_waiting_and_a_later_dialog_still_s
     control.write_text("trust")
     doc = wait_activity(ctl, "hooked", "WaitingForInput", "TrustPrompt")  # drawn after the last hook ran
     assert inst(doc)["pid"] == pid and (ctl.status("hooked") or {}).get("restarts") == 0
+    # deleted for good: its settings and hook state go with it
+    state = ctl.state / "run" / "hooked-0.activity"
+    assert state.exists()
+    ctl.delete("a.yaml")
+    wait_for(lambda: ctl.status("hooked") is None, DEADLINE, message="hooked removed")
+    assert not settings.exists() and not state.exists()
 
 
 @pytest.mark.skipif(CLI_BIN is None, reason=NO_CLIS)
