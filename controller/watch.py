@@ -207,22 +207,36 @@ SOURCE_RETRY = 1.0  # while part of the manifest source cannot be read, read it 
 
 async def resync_ticker(controller: Controller, stop: asyncio.Event, period: float) -> None:
     """The periodic resync; while a read of the source fails, also a re-read every SOURCE_RETRY
-    seconds, so the problem clears (and a vanished file is deleted) without waiting a period."""
+    seconds, so the problem clears (and a vanished file is deleted) without waiting a period.
+    With every part readable it sleeps until the resync is due: a failure that begins wakes it."""
+    loop = asyncio.get_running_loop()
+    failing = asyncio.Event()
+
+    def began() -> None:  # may be called off the loop thread (a load in a worker)
+        loop.call_soon_threadsafe(failing.set)
+
+    health = controller.source_health
+    health.on_failing.append(began)
     next_resync = time.monotonic() + period
-    while not stop.is_set():
-        # a failure may begin at any time: look every SOURCE_RETRY seconds (one cheap wake-up)
-        wait = min(SOURCE_RETRY, next_resync - time.monotonic())
-        try:
-            await asyncio.wait_for(stop.wait(), max(0.0, wait))
-        except TimeoutError:
-            pass
-        if stop.is_set():
-            return
-        try:
-            if time.monotonic() >= next_resync:
-                next_resync = time.monotonic() + period
-                controller.resync()
-            elif controller.source_health.failures:
-                _manifests_changed(controller)
-        except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
-            log.error("resync failed: %r", exc)
+    try:
+        while not stop.is_set():
+            failing.clear()
+            due = next_resync - time.monotonic()
+            if controller.source_health.failures:
+                await _pause(stop, seconds=max(0.0, min(SOURCE_RETRY, due)))
+            else:
+                await _pause(stop, failing, seconds=max(0.0, due))
+                if failing.is_set():
+                    await _pause(stop, seconds=max(0.0, min(SOURCE_RETRY, next_resync - time.monotonic())))
+            if stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + period
+                    controller.resync()
+                elif controller.source_health.failures:
+                    _manifests_changed(controller)
+            except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
+                log.error("resync failed: %r", exc)
+    finally:
+        health.on_failing.remove(began)
