@@ -17,7 +17,7 @@ from pathlib import Path
 
 import watchfiles
 
-from controller import opsrequests
+from controller import inotify, opsrequests
 from controller.gitsource import SyncResult, fetch_error
 from controller.loader import is_ignored
 from controller.reconciler import Controller
@@ -98,6 +98,20 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
     of the dir is an event there, never inside it) and the restart requests dir."""
     paths = [requests] + ([given.parent] if given is not None else [])
     while not stop.is_set():
+        ino = _open(paths, tree=False)
+        if ino is not None:  # idle CPU: no thread stepping while nothing changes
+            try:
+                keep = _entries(given or requests, requests)
+                async for events in inotify.bursts(ino, stop, debounce=DEBOUNCE_MS / 1000):
+                    _on_entries(controller, given, requests, replaced,
+                                {(watchfiles.Change.modified, str(e.path)) for e in events
+                                 if keep(watchfiles.Change.modified, str(e.path))} | _overflow(ino, paths))
+            except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+                log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
+                await _pause(stop)
+            finally:
+                ino.close()
+            continue
         try:
             async for changes in watchfiles.awatch(
                 *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS,
@@ -105,15 +119,70 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
                 stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
                 recursive=False, ignore_permission_denied=True,
             ):
-                if any(Path(p) == given for _, p in changes):
-                    log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
-                    replaced.set()
-                    _manifests_changed(controller)
-                if any(Path(p).parent == requests for _, p in changes):
-                    consume_requests(controller, requests)
+                _on_entries(controller, given, requests, replaced, changes)
         except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
             log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
             await _pause(stop)
+
+
+def _on_entries(controller: Controller, given: Path | None, requests: Path, replaced: asyncio.Event,
+                changes: set[tuple[watchfiles.Change, str]]) -> None:
+    if any(Path(p) == given for _, p in changes):
+        log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
+        replaced.set()
+        _manifests_changed(controller)
+    if any(Path(p).parent == requests for _, p in changes):
+        consume_requests(controller, requests)
+
+
+def _overflow(ino: inotify.Inotify, paths: list[Path]) -> set[tuple[watchfiles.Change, str]]:
+    """Events were lost: act as if each watched entry had changed (reading again is harmless)."""
+    if not ino.overflowed:
+        return set()
+    ino.overflowed = False
+    return {(watchfiles.Change.modified, str(p)) for p in paths}
+
+
+def _open(paths: list[Path], *, tree: bool) -> inotify.Inotify | None:
+    """An inotify watch of paths, or None to use watchfiles (no inotify, out of watches or
+    instances, or a path that cannot be watched: watchfiles then reports it as before)."""
+    try:
+        ino = inotify.Inotify()
+    except OSError as exc:
+        log.debug("inotify unavailable (%s): watching with watchfiles", exc)
+        return None
+    try:
+        for p in paths:
+            if tree:
+                ino.add_tree(p)
+            else:
+                ino.add(p, inotify.ENTRIES)
+    except OSError as exc:
+        log.debug("cannot watch %s with inotify (%s): watching with watchfiles", paths, exc)
+        ino.close()
+        return None
+    return ino
+
+
+async def _tree_events(controller: Controller, given: Path, target: Path, ino: inotify.Inotify,
+                       replaced: asyncio.Event, stop: asyncio.Event) -> None:
+    """The inotify watch of target until it is replaced or the controller stops."""
+    keep = _relevant(target)
+    async for events in inotify.bursts(ino, stop, replaced, debounce=DEBOUNCE_MS / 1000):
+        for e in events:  # a directory created or moved in: watch it (and what it already holds)
+            if e.mask & inotify.IN_ISDIR and e.mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
+                try:
+                    ino.add_tree(e.path)
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    pass
+        lost = ino.overflowed
+        if lost:
+            ino.overflowed = False
+            ino.add_tree(target)  # directories created while events were lost get their watch
+        if lost or any(keep(watchfiles.Change.modified, str(e.path)) for e in events):
+            _manifests_changed(controller)
+        if target not in ino.dirs.values() or given.resolve() != target or not target.is_dir():
+            replaced.set()  # the swap itself was seen from inside: re-aim now
 
 
 async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Event, stop: asyncio.Event) -> None:
@@ -128,15 +197,12 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             _manifests_changed(controller)
             continue
         began = time.monotonic()
+        ino = _open([target], tree=True)
         try:
-            async for _ in watchfiles.awatch(
-                target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
-                stop_event=_Either(stop, replaced),  # type: ignore[arg-type]  # only is_set() and set() are used
-                recursive=True, ignore_permission_denied=True,
-            ):
-                _manifests_changed(controller)
-                if given.resolve() != target or not target.is_dir():
-                    replaced.set()  # the swap itself was seen from inside: re-aim now
+            if ino is not None:  # idle CPU: nothing wakes until the kernel has an event
+                await _tree_events(controller, given, target, ino, replaced, stop)
+            else:
+                await _watchfiles_tree(controller, given, target, replaced, stop)
         except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
             # e.g. an event on a file name that is not UTF-8 (watchfiles cannot decode it): something
             # changed, so read now, and watch again at once unless it keeps failing
@@ -144,7 +210,23 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             pause = RETRY_MIN if time.monotonic() - began > RETRY_MAX else min(pause * 2, RETRY_MAX)
             log.warning("file watch of %s interrupted (%r); watching again in %.2fs", target, exc, pause)
             await _pause(stop, replaced, seconds=pause)
+        finally:
+            if ino is not None:
+                ino.close()
         _manifests_changed(controller)  # whatever happened while re-aiming is read once more
+
+
+async def _watchfiles_tree(controller: Controller, given: Path, target: Path, replaced: asyncio.Event,
+                           stop: asyncio.Event) -> None:
+    """Where inotify cannot be used: watchfiles, whose thread wakes every STEP_MS."""
+    async for _ in watchfiles.awatch(
+        target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
+        stop_event=_Either(stop, replaced),  # type: ignore[arg-type]  # only is_set() and set() are used
+        recursive=True, ignore_permission_denied=True,
+    ):
+        _manifests_changed(controller)
+        if given.resolve() != target or not target.is_dir():
+            replaced.set()  # the swap itself was seen from inside: re-aim now
 
 
 def _wants_fresh(path: Path) -> bool:
