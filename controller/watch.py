@@ -13,14 +13,17 @@ import logging
 import os
 import stat
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-
-import watchfiles
+from typing import TYPE_CHECKING
 
 from controller import inotify, opsrequests
 from controller.gitsource import SyncResult, fetch_error
 from controller.loader import is_ignored
 from controller.reconciler import Controller
+
+if TYPE_CHECKING:
+    import watchfiles
 
 log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
@@ -29,28 +32,52 @@ STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread 
 ENTRIES_STEP_MS = 100  # the parent dir and restart requests: a swap is rare, a request is not urgent
 
 
-def _relevant(root: Path) -> watchfiles.BaseFilter:
-    class Filter(watchfiles.BaseFilter):
-        def __call__(self, change: watchfiles.Change, path: str) -> bool:
-            try:
-                rel = Path(path).relative_to(root)
-            except ValueError:
-                return True
-            return rel == Path(".") or not is_ignored(rel)
-
-    return Filter()
+Keep = Callable[[str], bool]  # which changed paths matter
 
 
-def _entries(given: Path, requests: Path) -> watchfiles.BaseFilter:
+def _relevant(root: Path) -> Keep:
+    def keep(path: str) -> bool:
+        try:
+            rel = Path(path).relative_to(root)
+        except ValueError:
+            return True
+        return rel == Path(".") or not is_ignored(rel)
+
+    return keep
+
+
+def _entries(given: Path, requests: Path) -> Keep:
     """Events of the parent dir about the manifests dir's own entry, and restart requests."""
+    def keep(path: str) -> bool:
+        p = Path(path)
+        if p.parent == requests:  # restart, and suspend/resume/reconcile (opscli)
+            return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES
+        return p == given
+
+    return keep
+
+
+def _filter(keep: Keep) -> watchfiles.BaseFilter:
+    # watchfiles (and anyio under it) is imported only where inotify cannot be used: about
+    # 1.7 MiB of RSS that an idle controller does not need
+    import watchfiles
+
     class Filter(watchfiles.BaseFilter):
         def __call__(self, change: watchfiles.Change, path: str) -> bool:
-            p = Path(path)
-            if p.parent == requests:  # restart, and suspend/resume/reconcile (opscli)
-                return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES
-            return p == given
+            return keep(path)
 
     return Filter()
+
+
+def _awatch(*paths: Path, keep: Keep, step: int, stop_event: _Either,
+            recursive: bool) -> AsyncIterator[set[tuple[watchfiles.Change, str]]]:
+    import watchfiles
+
+    return watchfiles.awatch(
+        *paths, watch_filter=_filter(keep), debounce=DEBOUNCE_MS, step=step,
+        stop_event=stop_event,  # type: ignore[arg-type]  # only is_set() and set() are used
+        recursive=recursive, ignore_permission_denied=True,
+    )
 
 
 class _Either:
@@ -104,8 +131,7 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
                 keep = _entries(given or requests, requests)
                 async for events in inotify.bursts(ino, stop, debounce=DEBOUNCE_MS / 1000):
                     _on_entries(controller, given, requests, replaced,
-                                {(watchfiles.Change.modified, str(e.path)) for e in events
-                                 if keep(watchfiles.Change.modified, str(e.path))} | _overflow(ino, paths))
+                                {str(e.path) for e in events if keep(str(e.path))} | _overflow(ino, paths))
             except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
                 log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
                 await _pause(stop)
@@ -113,34 +139,31 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
                 ino.close()
             continue
         try:
-            async for changes in watchfiles.awatch(
-                *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS,
-                step=ENTRIES_STEP_MS,
-                stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
-                recursive=False, ignore_permission_denied=True,
-            ):
-                _on_entries(controller, given, requests, replaced, changes)
+            # cancelling a watch must not stop the controller: its own stop event
+            async for changes in _awatch(*paths, keep=_entries(given or requests, requests), step=ENTRIES_STEP_MS,
+                                         stop_event=_Either(stop), recursive=False):
+                _on_entries(controller, given, requests, replaced, {p for _, p in changes})
         except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
             log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
             await _pause(stop)
 
 
 def _on_entries(controller: Controller, given: Path | None, requests: Path, replaced: asyncio.Event,
-                changes: set[tuple[watchfiles.Change, str]]) -> None:
-    if any(Path(p) == given for _, p in changes):
+                changes: set[str]) -> None:
+    if any(Path(p) == given for p in changes):
         log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
         replaced.set()
         _manifests_changed(controller)
-    if any(Path(p).parent == requests for _, p in changes):
+    if any(Path(p).parent == requests for p in changes):
         consume_requests(controller, requests)
 
 
-def _overflow(ino: inotify.Inotify, paths: list[Path]) -> set[tuple[watchfiles.Change, str]]:
+def _overflow(ino: inotify.Inotify, paths: list[Path]) -> set[str]:
     """Events were lost: act as if each watched entry had changed (reading again is harmless)."""
     if not ino.overflowed:
         return set()
     ino.overflowed = False
-    return {(watchfiles.Change.modified, str(p)) for p in paths}
+    return {str(p) for p in paths}
 
 
 def _open(paths: list[Path], *, tree: bool) -> inotify.Inotify | None:
@@ -179,7 +202,7 @@ async def _tree_events(controller: Controller, given: Path, target: Path, ino: i
         if lost:
             ino.overflowed = False
             ino.add_tree(target)  # directories created while events were lost get their watch
-        if lost or any(keep(watchfiles.Change.modified, str(e.path)) for e in events):
+        if lost or any(keep(str(e.path)) for e in events):
             _manifests_changed(controller)
         if target not in ino.dirs.values() or given.resolve() != target or not target.is_dir():
             replaced.set()  # the swap itself was seen from inside: re-aim now
@@ -219,11 +242,8 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
 async def _watchfiles_tree(controller: Controller, given: Path, target: Path, replaced: asyncio.Event,
                            stop: asyncio.Event) -> None:
     """Where inotify cannot be used: watchfiles, whose thread wakes every STEP_MS."""
-    async for _ in watchfiles.awatch(
-        target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
-        stop_event=_Either(stop, replaced),  # type: ignore[arg-type]  # only is_set() and set() are used
-        recursive=True, ignore_permission_denied=True,
-    ):
+    async for _ in _awatch(target, keep=_relevant(target), step=STEP_MS, stop_event=_Either(stop, replaced),
+                           recursive=True):
         _manifests_changed(controller)
         if given.resolve() != target or not target.is_dir():
             replaced.set()  # the swap itself was seen from inside: re-aim now

@@ -76,3 +76,50 @@ def test_a_path_that_is_not_a_directory_is_refused(tmp_path: Path) -> None:
             ino.add(f, inotify.TREE)  # watch.py then falls back to watchfiles, which reports it
     finally:
         ino.close()
+
+
+class _Flag:
+    """What watch.py's tree watch touches on a controller: a dirty flag and a wake-up."""
+
+    def __init__(self) -> None:
+        self.manifests_changed = False
+
+    def wake(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("have_inotify", [True, False])
+def test_an_edit_is_seen_with_inotify_and_with_the_watchfiles_fallback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, have_inotify: bool) -> None:
+    from controller import watch
+
+    if not have_inotify:
+        def refuse() -> inotify.Inotify:
+            raise OSError("no inotify here")
+        monkeypatch.setattr(watch.inotify, "Inotify", refuse)
+    root = tmp_path / "m"
+    root.mkdir()
+    flag = _Flag()
+
+    async def main() -> bool:
+        stop, replaced = asyncio.Event(), asyncio.Event()
+        task = asyncio.ensure_future(watch._watch_tree(flag, root, replaced, stop))  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        try:
+            # the watch may not be in place yet when the first write lands: write again each
+            # 0.2 s until one is seen (bounded by the deadline)
+            deadline = loop.time() + 20
+            n = 0
+            while not flag.manifests_changed and loop.time() < deadline:
+                n += 1
+                (root / "a.yaml").write_text(f"x: {n}\n")
+                for _ in range(10):
+                    if flag.manifests_changed:
+                        break
+                    await asyncio.sleep(0.02)
+            return flag.manifests_changed
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+    assert asyncio.run(main())
