@@ -26,7 +26,9 @@ ENTRIES = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_ATTRIB | IN_C
 TREE = ENTRIES | IN_MODIFY | IN_DELETE_SELF | IN_MOVE_SELF
 HEADER = struct.Struct("iIII")
 MAX_DIRS = 10_000  # directories watched below one root: a pathological tree cannot exhaust the watches
-QUIET = 0.01  # seconds without a new event that end a burst (an editor's save is several events)
+QUIET = 0.002  # seconds without a new event that end a burst once no file is still being written
+WRITING = IN_CREATE | IN_MODIFY  # a file opened for writing and not closed yet: the burst goes on
+DONE = IN_CLOSE_WRITE | IN_DELETE | IN_MOVED_FROM  # ... until it is closed, removed or renamed away
 
 
 @dataclass(frozen=True)
@@ -111,11 +113,26 @@ class Inotify:
             self.fd = -1
 
 
+def _still_writing(events: list[Event]) -> bool:
+    """A file created or modified in this burst and not closed since (a write in chunks, or
+    an editor's save in place): reading it now would see half of it."""
+    open_: set[Path] = set()
+    for e in events:
+        if e.mask & IN_ISDIR:
+            continue
+        if e.mask & DONE:
+            open_.discard(e.path)
+        elif e.mask & WRITING:
+            open_.add(e.path)
+    return bool(open_)
+
+
 async def bursts(ino: Inotify, stop: asyncio.Event, *others: asyncio.Event,
                  debounce: float) -> AsyncIterator[list[Event]]:
-    """Yields the events of each burst: it ends after QUIET seconds without a new event, or
-    after `debounce` seconds at most. Returns when stop (or another event given) is set.
-    Nothing runs between bursts: the loop wakes only when the fd becomes readable."""
+    """Yields the events of each burst: it ends after QUIET seconds without a new event once
+    every file written in it was closed again, or after `debounce` seconds at most. Returns
+    when stop (or another event given) is set. Nothing runs between bursts: the loop wakes
+    only when the fd becomes readable."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     loop.add_reader(ino.fd, ready.set)
@@ -138,7 +155,7 @@ async def bursts(ino: Inotify, stop: asyncio.Event, *others: asyncio.Event,
                 if left <= 0:
                     break
                 try:
-                    await asyncio.wait_for(ready.wait(), min(QUIET, left))
+                    await asyncio.wait_for(ready.wait(), left if _still_writing(events) else min(QUIET, left))
                 except TimeoutError:
                     break
             ready.clear()

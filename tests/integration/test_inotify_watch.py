@@ -123,3 +123,35 @@ def test_an_edit_is_seen_with_inotify_and_with_the_watchfiles_fallback(
             await asyncio.wait_for(task, 10)
 
     assert asyncio.run(main())
+
+
+def test_a_burst_waits_for_a_file_being_written_to_be_closed(tmp_path: Path) -> None:
+    """A writer that pauses between two chunks: the burst must not end (and the manifest be
+    read half-written) before the file is closed, within the debounce ceiling."""
+    ino = inotify.Inotify()
+    target = tmp_path / "a.yaml"
+    fh = None
+    try:
+        ino.add_tree(tmp_path)
+
+        async def main() -> list[inotify.Event]:
+            nonlocal fh
+            loop = asyncio.get_running_loop()
+            fh = open(target, "w")
+
+            def rest() -> None:
+                assert fh is not None
+                fh.write("command: [sleep, '1']\n")
+                fh.close()
+
+            fh.write("name: a\n")
+            fh.flush()
+            loop.call_later(0.02, rest)  # the second chunk comes after more than QUIET
+            return await asyncio.wait_for(_next_burst(ino, asyncio.Event()), 20)
+
+        events = asyncio.run(main())
+        assert any(e.path == target and e.mask & inotify.IN_CLOSE_WRITE for e in events)
+    finally:
+        if fh is not None:
+            fh.close()
+        ino.close()
