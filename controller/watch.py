@@ -1,9 +1,10 @@
 """Wake-ups for the reconcile loop: manifest file events, restart requests, periodic resync.
 
 Runtime layer. Each source only marks the controller dirty and wakes it; the loop does
-the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s). The
-manifests dir is watched from its parent too, so a rename, symlink swap or re-creation of
-the dir re-aims the recursive watch instead of losing it (CONTRACT §11).
+the work. Files are watched with inotify on the event loop (controller/inotify.py: nothing
+wakes while idle), or with watchfiles where inotify cannot be used. The manifests dir is
+watched from its parent too, so a rename, symlink swap or re-creation of the dir re-aims
+the recursive watch instead of losing it (CONTRACT §11).
 """
 
 from __future__ import annotations
