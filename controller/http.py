@@ -22,7 +22,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-import psutil
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from controller.listener import MAX_HEAD, Listener
@@ -253,6 +252,8 @@ def _phrase(code: int) -> str:
 
 def _interface_addresses() -> tuple[str, ...]:
     """The host's IP addresses (as of start), which a wildcard bind answers on."""
+    import psutil  # only for a wildcard bind: 2 MiB of RSS a loopback listener does not need
+
     found = []
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:

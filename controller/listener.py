@@ -102,9 +102,15 @@ class Listener:
                 self._read(key.fd)
         self._expire(time.monotonic())
 
-    def _timeout(self, now: float) -> float:
-        soonest = min((p.deadline for p in self._pending.values()), default=now + 1.0)
-        return max(0.0, min(soonest - now, 1.0))
+    def _timeout(self, now: float) -> float | None:
+        """Until the next head deadline or accept resumption; None (sleep until a socket or
+        shutdown wakes us) when nothing is due, so an idle listener never wakes (idle CPU)."""
+        due = [p.deadline for p in self._pending.values()]
+        if self._accept_paused_until:
+            due.append(self._accept_paused_until)
+        if not due:
+            return None
+        return max(0.0, min(min(due) - now, 1.0))
 
     def _accept(self) -> None:
         for _ in range(self.max_connections):  # bounded per wake-up: expiry and reads get their turn

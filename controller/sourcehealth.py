@@ -8,6 +8,7 @@ and never starts or stops anything. A read that fails is never a deletion (CONTR
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from controller.loader import LoadResult
@@ -32,6 +33,8 @@ class SourceHealth:
     """Whether the last load read every part of the manifest source; logs each change once."""
 
     failures: dict[str, str] = field(default_factory=dict)  # display path -> why
+    # called when a failure begins: watch.py's resync ticker retries reads only while one exists
+    on_failing: list[Callable[[], None]] = field(default_factory=list)
 
     def update(self, result: LoadResult) -> bool:
         """Take the failures of a fresh load; True when they changed (every status must show it)."""
@@ -44,7 +47,11 @@ class SourceHealth:
                       "valid spec", parts)
         else:
             log.info("manifest source readable again")
+        began = bool(now) and not self.failures
         self.failures = now
+        if began:
+            for notify in self.on_failing:
+                notify()
         return True
 
     def problem(self) -> str | None:

@@ -1,9 +1,10 @@
 """Wake-ups for the reconcile loop: manifest file events, restart requests, periodic resync.
 
 Runtime layer. Each source only marks the controller dirty and wakes it; the loop does
-the work. watchfiles' debounce is set to tens of milliseconds (its default is 1.6 s). The
-manifests dir is watched from its parent too, so a rename, symlink swap or re-creation of
-the dir re-aims the recursive watch instead of losing it (CONTRACT §11).
+the work. Files are watched with inotify on the event loop (controller/inotify.py: nothing
+wakes while idle), or with watchfiles where inotify cannot be used. The manifests dir is
+watched from its parent too, so a rename, symlink swap or re-creation of the dir re-aims
+the recursive watch instead of losing it (CONTRACT §11).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ import logging
 import os
 import stat
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import watchfiles
-
-from controller import opsrequests
+from controller import inotify, opsrequests
 from controller.gitsource import SyncResult, fetch_error
 from controller.loader import is_ignored
 from controller.reconciler import Controller
+
+if TYPE_CHECKING:
+    import watchfiles
 
 log = logging.getLogger("agentctl.watch")
 DEBOUNCE_MS = 50  # most a burst of events is held together
@@ -29,28 +33,52 @@ STEP_MS = 20  # quiet time that ends a burst; also how often the watcher thread 
 ENTRIES_STEP_MS = 100  # the parent dir and restart requests: a swap is rare, a request is not urgent
 
 
-def _relevant(root: Path) -> watchfiles.BaseFilter:
-    class Filter(watchfiles.BaseFilter):
-        def __call__(self, change: watchfiles.Change, path: str) -> bool:
-            try:
-                rel = Path(path).relative_to(root)
-            except ValueError:
-                return True
-            return rel == Path(".") or not is_ignored(rel)
-
-    return Filter()
+Keep = Callable[[str], bool]  # which changed paths matter
 
 
-def _entries(given: Path, requests: Path) -> watchfiles.BaseFilter:
+def _relevant(root: Path) -> Keep:
+    def keep(path: str) -> bool:
+        try:
+            rel = Path(path).relative_to(root)
+        except ValueError:
+            return True
+        return rel == Path(".") or not is_ignored(rel)
+
+    return keep
+
+
+def _entries(given: Path, requests: Path) -> Keep:
     """Events of the parent dir about the manifests dir's own entry, and restart requests."""
+    def keep(path: str) -> bool:
+        p = Path(path)
+        if p.parent == requests:  # restart, and suspend/resume/reconcile (opscli)
+            return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES
+        return p == given
+
+    return keep
+
+
+def _filter(keep: Keep) -> watchfiles.BaseFilter:
+    # watchfiles (and anyio under it) is imported only where inotify cannot be used: about
+    # 1.7 MiB of RSS that an idle controller does not need
+    import watchfiles
+
     class Filter(watchfiles.BaseFilter):
         def __call__(self, change: watchfiles.Change, path: str) -> bool:
-            p = Path(path)
-            if p.parent == requests:  # restart, and suspend/resume/reconcile (opscli)
-                return p.suffix == ".restart" or p.suffix in opsrequests.SUFFIXES
-            return p == given
+            return keep(path)
 
     return Filter()
+
+
+def _awatch(*paths: Path, keep: Keep, step: int, stop_event: _Either,
+            recursive: bool) -> AsyncIterator[set[tuple[watchfiles.Change, str]]]:
+    import watchfiles
+
+    return watchfiles.awatch(
+        *paths, watch_filter=_filter(keep), debounce=DEBOUNCE_MS, step=step,
+        stop_event=stop_event,  # type: ignore[arg-type]  # only is_set() and set() are used
+        recursive=recursive, ignore_permission_denied=True,
+    )
 
 
 class _Either:
@@ -98,22 +126,87 @@ async def _watch_entries(controller: Controller, given: Path | None, requests: P
     of the dir is an event there, never inside it) and the restart requests dir."""
     paths = [requests] + ([given.parent] if given is not None else [])
     while not stop.is_set():
+        ino = _open(paths, tree=False)
+        if ino is not None:  # idle CPU: no thread stepping while nothing changes
+            try:
+                keep = _entries(given or requests, requests)
+                async for events in inotify.bursts(ino, stop, debounce=DEBOUNCE_MS / 1000):
+                    _on_entries(controller, given, requests, replaced,
+                                {str(e.path) for e in events if keep(str(e.path))} | _overflow(ino, paths))
+            except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
+                log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
+                await _pause(stop)
+            finally:
+                ino.close()
+            continue
         try:
-            async for changes in watchfiles.awatch(
-                *paths, watch_filter=_entries(given or requests, requests), debounce=DEBOUNCE_MS,
-                step=ENTRIES_STEP_MS,
-                stop_event=_Either(stop),  # type: ignore[arg-type]  # cancelling a watch must not stop the controller
-                recursive=False, ignore_permission_denied=True,
-            ):
-                if any(Path(p) == given for _, p in changes):
-                    log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
-                    replaced.set()
-                    _manifests_changed(controller)
-                if any(Path(p).parent == requests for _, p in changes):
-                    consume_requests(controller, requests)
+            # cancelling a watch must not stop the controller: its own stop event
+            async for changes in _awatch(*paths, keep=_entries(given or requests, requests), step=ENTRIES_STEP_MS,
+                                         stop_event=_Either(stop), recursive=False):
+                _on_entries(controller, given, requests, replaced, {p for _, p in changes})
         except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
             log.error("watch of %s failed (%r); retrying in 1s", ", ".join(map(str, paths)), exc)
             await _pause(stop)
+
+
+def _on_entries(controller: Controller, given: Path | None, requests: Path, replaced: asyncio.Event,
+                changes: set[str]) -> None:
+    if any(Path(p) == given for p in changes):
+        log.info("manifests dir %s was replaced, moved or removed: watching it anew", given)
+        replaced.set()
+        _manifests_changed(controller)
+    if any(Path(p).parent == requests for p in changes):
+        consume_requests(controller, requests)
+
+
+def _overflow(ino: inotify.Inotify, paths: list[Path]) -> set[str]:
+    """Events were lost: act as if each watched entry had changed (reading again is harmless)."""
+    if not ino.overflowed:
+        return set()
+    ino.overflowed = False
+    return {str(p) for p in paths}
+
+
+def _open(paths: list[Path], *, tree: bool) -> inotify.Inotify | None:
+    """An inotify watch of paths, or None to use watchfiles (no inotify, out of watches or
+    instances, or a path that cannot be watched: watchfiles then reports it as before)."""
+    try:
+        ino = inotify.Inotify()
+    except OSError as exc:
+        log.debug("inotify unavailable (%s): watching with watchfiles", exc)
+        return None
+    try:
+        for p in paths:
+            if tree:
+                ino.add_tree(p)
+            else:
+                ino.add(p, inotify.ENTRIES)
+    except OSError as exc:
+        log.debug("cannot watch %s with inotify (%s): watching with watchfiles", paths, exc)
+        ino.close()
+        return None
+    return ino
+
+
+async def _tree_events(controller: Controller, given: Path, target: Path, ino: inotify.Inotify,
+                       replaced: asyncio.Event, stop: asyncio.Event) -> None:
+    """The inotify watch of target until it is replaced or the controller stops."""
+    keep = _relevant(target)
+    async for events in inotify.bursts(ino, stop, replaced, debounce=DEBOUNCE_MS / 1000):
+        for e in events:  # a directory created or moved in: watch it (and what it already holds)
+            if e.mask & inotify.IN_ISDIR and e.mask & (inotify.IN_CREATE | inotify.IN_MOVED_TO):
+                try:
+                    ino.add_tree(e.path)
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    pass
+        lost = ino.overflowed
+        if lost:
+            ino.overflowed = False
+            ino.add_tree(target)  # directories created while events were lost get their watch
+        if lost or any(keep(str(e.path)) for e in events):
+            _manifests_changed(controller)
+        if target not in ino.dirs.values() or given.resolve() != target or not target.is_dir():
+            replaced.set()  # the swap itself was seen from inside: re-aim now
 
 
 async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Event, stop: asyncio.Event) -> None:
@@ -128,15 +221,12 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             _manifests_changed(controller)
             continue
         began = time.monotonic()
+        ino = _open([target], tree=True)
         try:
-            async for _ in watchfiles.awatch(
-                target, watch_filter=_relevant(target), debounce=DEBOUNCE_MS, step=STEP_MS,
-                stop_event=_Either(stop, replaced),  # type: ignore[arg-type]  # only is_set() and set() are used
-                recursive=True, ignore_permission_denied=True,
-            ):
-                _manifests_changed(controller)
-                if given.resolve() != target or not target.is_dir():
-                    replaced.set()  # the swap itself was seen from inside: re-aim now
+            if ino is not None:  # idle CPU: nothing wakes until the kernel has an event
+                await _tree_events(controller, given, target, ino, replaced, stop)
+            else:
+                await _watchfiles_tree(controller, given, target, replaced, stop)
         except Exception as exc:  # noqa: BLE001 - a watch that breaks is started again, never lost
             # e.g. an event on a file name that is not UTF-8 (watchfiles cannot decode it): something
             # changed, so read now, and watch again at once unless it keeps failing
@@ -144,7 +234,20 @@ async def _watch_tree(controller: Controller, given: Path, replaced: asyncio.Eve
             pause = RETRY_MIN if time.monotonic() - began > RETRY_MAX else min(pause * 2, RETRY_MAX)
             log.warning("file watch of %s interrupted (%r); watching again in %.2fs", target, exc, pause)
             await _pause(stop, replaced, seconds=pause)
+        finally:
+            if ino is not None:
+                ino.close()
         _manifests_changed(controller)  # whatever happened while re-aiming is read once more
+
+
+async def _watchfiles_tree(controller: Controller, given: Path, target: Path, replaced: asyncio.Event,
+                           stop: asyncio.Event) -> None:
+    """Where inotify cannot be used: watchfiles, whose thread wakes every STEP_MS."""
+    async for _ in _awatch(target, keep=_relevant(target), step=STEP_MS, stop_event=_Either(stop, replaced),
+                           recursive=True):
+        _manifests_changed(controller)
+        if given.resolve() != target or not target.is_dir():
+            replaced.set()  # the swap itself was seen from inside: re-aim now
 
 
 def _wants_fresh(path: Path) -> bool:
@@ -207,22 +310,36 @@ SOURCE_RETRY = 1.0  # while part of the manifest source cannot be read, read it 
 
 async def resync_ticker(controller: Controller, stop: asyncio.Event, period: float) -> None:
     """The periodic resync; while a read of the source fails, also a re-read every SOURCE_RETRY
-    seconds, so the problem clears (and a vanished file is deleted) without waiting a period."""
+    seconds, so the problem clears (and a vanished file is deleted) without waiting a period.
+    With every part readable it sleeps until the resync is due: a failure that begins wakes it."""
+    loop = asyncio.get_running_loop()
+    failing = asyncio.Event()
+
+    def began() -> None:  # may be called off the loop thread (a load in a worker)
+        loop.call_soon_threadsafe(failing.set)
+
+    health = controller.source_health
+    health.on_failing.append(began)
     next_resync = time.monotonic() + period
-    while not stop.is_set():
-        # a failure may begin at any time: look every SOURCE_RETRY seconds (one cheap wake-up)
-        wait = min(SOURCE_RETRY, next_resync - time.monotonic())
-        try:
-            await asyncio.wait_for(stop.wait(), max(0.0, wait))
-        except TimeoutError:
-            pass
-        if stop.is_set():
-            return
-        try:
-            if time.monotonic() >= next_resync:
-                next_resync = time.monotonic() + period
-                controller.resync()
-            elif controller.source_health.failures:
-                _manifests_changed(controller)
-        except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
-            log.error("resync failed: %r", exc)
+    try:
+        while not stop.is_set():
+            failing.clear()
+            due = next_resync - time.monotonic()
+            if controller.source_health.failures:
+                await _pause(stop, seconds=max(0.0, min(SOURCE_RETRY, due)))
+            else:
+                await _pause(stop, failing, seconds=max(0.0, due))
+                if failing.is_set():
+                    await _pause(stop, seconds=max(0.0, min(SOURCE_RETRY, next_resync - time.monotonic())))
+            if stop.is_set():
+                return
+            try:
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + period
+                    controller.resync()
+                elif controller.source_health.failures:
+                    _manifests_changed(controller)
+            except Exception as exc:  # noqa: BLE001 - the resync must outlive any one failure
+                log.error("resync failed: %r", exc)
+    finally:
+        health.on_failing.remove(began)
