@@ -295,15 +295,11 @@ class Controller:
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
         )
 
-    _view = view  # `agentctl plan` (runner.dry_run) reads the same view
-
     def capacity(self) -> int:
         if self.settings.max_agents is None:
             return 1 << 30
         live = {r.id for r in self.table.instances.values() if r.state != RunState.EXITED} | self.executor.starting
         return max(0, self.settings.max_agents - len(live))
-
-    _capacity = capacity
 
     def plan(self, agent: AgentState) -> Plan:
         return plan_agent(self.view(agent), self.clock.monotonic(), capacity=self.capacity())

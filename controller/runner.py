@@ -191,7 +191,7 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
         if agent.desired is None and agent.present:
             lines.append(f"noop {name} InvalidManifest")
             continue
-        view = controller._view(agent)
+        view = controller.view(agent)
         adopted = []
         for rec in view.instances.values():
             sup = controller.supervisors.get(rec.supervisor)
@@ -199,7 +199,7 @@ def dry_run(settings: Settings, *, running: bool) -> list[str]:
                 continue
             if not running and sup.adopt(rec.handle):
                 adopted.append(rec.id)
-        plan = plan_agent(view, now, capacity=controller._capacity())
+        plan = plan_agent(view, now, capacity=controller.capacity())
         own = [_line(a, running) for a in plan.actions]
         # opscli: forgetting an exited instance of a deleted (or scaled-down) agent is still its stop
         gone = agent.gone_reason if agent.target is None else "ScaledDown"
