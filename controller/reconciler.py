@@ -396,12 +396,25 @@ class Controller:
             self._planned_on.pop(name, None)
             self._drop_agent(name)
             return
-        if all(isinstance(a, Wait) for a in plan.actions):
+        if self._settled(agent, plan, now):
             self._planned_on[name] = self._inputs(agent, self._shared_inputs())
-        else:  # what it did changed its inputs: the next resync looks again
+        else:  # more to do once something happens: the next resync looks again
             self._planned_on.pop(name, None)
         self.publisher.agent(agent, self.view(agent), source_ready=self.intake.source_ready(),
                              source_reason=self.intake.source_reason())
+
+    def _settled(self, agent: AgentState, plan: Plan, now: float) -> bool:
+        """The plan only waited, or, after its actions, a plan on the state they left only waits
+        (a start that went through): then the inputs are worth keeping for the resync's skip.
+        That second plan's deadline is kept too, so nothing it waits for is left to the resync."""
+        if all(isinstance(a, Wait) for a in plan.actions):
+            return True
+        again = self.plan(agent)
+        if not all(isinstance(a, Wait) for a in again.actions):
+            return False
+        if again.requeue_after is not None:
+            self.queue.at_most(agent.name, now + again.requeue_after)
+        return True
 
     def _drop_agent(self, name: str) -> None:
         agent = self.table.drop_agent(name)
