@@ -350,8 +350,9 @@ class ManifestSource:
         self.providers = providers
         self.allow_insecure = allow_insecure
         self._files: dict[str, _FileEntry] = {}
-        # id(doc) -> (doc, stat keys of what it reads, result); the doc itself is kept so its id is not reused
-        self._resolved: dict[int, tuple[ParsedDocument, tuple[object, ...], Loaded | None, list[ManifestError]]] = {}
+        # id(doc) -> (doc, paths it reads, their stat keys, result); the doc is kept so its id is not reused
+        self._resolved: dict[int, tuple[ParsedDocument, tuple[str, ...], tuple[object, ...], Loaded | None,
+                                        list[ManifestError]]] = {}
         self._reset()
         self._walked = False  # load_paths needs a full load first, and one that read every directory
 
@@ -570,16 +571,19 @@ class ManifestSource:
     def _resolve(self, doc: ParsedDocument, file: str, deps_seen: dict[str, object]) -> tuple[Loaded | None, list[ManifestError]]:
         """resolve_doc, cached while the document and the files it reads (cwd, envFiles) are unchanged:
         the same Loaded object comes back, which tells the reconciler nothing changed."""
-        spec = doc.manifest.spec
-        base = str(self.base_dir)
-        deps = tuple(_stat_once(os.path.join(base, rel), deps_seen) for rel in (spec.cwd or ".", *spec.env_files))
         cached = self._resolved.get(id(doc))
-        if cached is not None and cached[0] is doc and cached[1] == deps:
-            return cached[2], cached[3]
+        if cached is not None and cached[0] is doc:
+            paths = cached[1]
+        else:
+            base, spec = str(self.base_dir), doc.manifest.spec
+            paths = tuple(os.path.join(base, rel) for rel in (spec.cwd or ".", *spec.env_files))
+        deps = tuple(_stat_once(path, deps_seen) for path in paths)
+        if cached is not None and cached[0] is doc and cached[2] == deps:
+            return cached[3], cached[4]
         transient: list[str] = []
         loaded, errors = resolve_doc(doc, self.base_dir, file, self.providers, transient)
         if not transient:  # a read that failed (EMFILE...) is tried again next time
-            self._resolved[id(doc)] = (doc, deps, loaded, errors)
+            self._resolved[id(doc)] = (doc, paths, deps, loaded, errors)
         return loaded, errors
 
 
