@@ -7,8 +7,9 @@ argument parser, so it sees exactly what `agentctl run` would, then:
 
   1. opens the Controller and runs its loop (no file watcher, no health loop, no HTTP):
      the first pass adopts every live instance (timed as `adopt_first_pass_s`);
-  2. --passes times: `Controller.resync()` (what the periodic resync does: re-read the
-     manifest dir, mark every agent dirty) and waits for the loop to publish a quiet
+  2. --passes times: `Controller.resync()` (what the periodic resync does: stat the
+     manifest dir's files, re-read changed ones, reconcile the agents whose inputs changed
+     or whose processes are no longer watched) and waits for the loop to publish a quiet
      state. Wall time, CPU time (process_time), and a split into sync_manifests /
      per-agent reconciles (the `observe` hook that feeds
      agentctl_reconcile_duration_seconds) / publish / the rest (dispatch, asyncio);
@@ -149,6 +150,7 @@ async def main(ns: argparse.Namespace) -> dict[str, Any]:
     return {"agents": n_agents, "instances": n_inst, "adopt_first_pass_s": first, "passes": passes,
             "wall_p50_s": med("wall_s"), "wall_max_s": max((p["wall_s"] for p in passes), default=None),
             "cpu_p50_s": med("cpu_s"), "reconcile_sum_p50_s": med("reconcile_sum_s"),
+            "reconciles_p50": med("reconciles"),
             "sync_p50_s": med("sync_s"), "publish_p50_s": med("publish_s"), "other_p50_s": med("other_s"), "resync_call_p50_s": med("resync_call_s"),
             "gc_p50_s": med("gc_s"), "gc_full_p50": med("gc_full"), "gc_objects": len(gc.get_objects()),
             "stop_all_s": stop_s}

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench/run.py - agentctl next to supervisord and circus, in one run, with one command.
 
-    python3 bench/run.py            # full run, 6.5-8 minutes on 2 cores
-    python3 bench/run.py --quick    # about 1.5-2 minutes, smaller N and fewer trials
+    python3 bench/run.py            # full run, about 12 minutes on 2 cores
+    python3 bench/run.py --quick    # about 3 minutes, smaller N and fewer trials
     python3 bench/run.py --profile  # also py-spy profiles: cold start, respawn, idle, adoption, /metrics
 
 What it does (docs/performance.md has the method and a real run's table):
@@ -15,14 +15,16 @@ What it does (docs/performance.md has the method and a real run's table):
     `agentctl run --manifests {manifests} --state-dir {state} --metrics-addr
     127.0.0.1:{port} --stop-agents-on-exit`: cold start, idle RSS/CPU, crash -> respawn,
     manifest add -> alive, manifest delete -> gone, graceful stop, all in the same run;
- 3. agentctl-only, at N = 100/500/1000/2000 (--scale-n): cold start through the CLI,
-    idle RSS/CPU (per thread)/fds, timed GET /metrics, crash -> respawned and manifest
+ 3. agentctl-only, at N = 100/500/1000/5000 (--scale-n): cold start through the CLI,
+    idle RSS/CPU (per thread)/fds, timed GET /metrics and `agentctl get -o json`, crash -> respawned and manifest
     written/deleted -> running/gone with a cheap probe, controller SIGKILLed and restarted
     with N live agents (time to /readyz 200, duplicates by AGENTCTL_INSTANCE, restarts
     from the status files, pids kept), then no-op reconcile passes timed in-process by
     bench/noop_pass.py (a Controller on the same state dir; the agents are SIGKILLed by
     pid afterwards, or stopped by the Controller with --stop-all);
- 4. prints one markdown table (peers, agentctl, ratios, targets) plus the scaling table,
+ 4. one file edited in a tree of 20,000 suspended agents (--edit-n): a rename over one
+    manifest resumes its agent (-> process running) and another suspends it (-> gone);
+ 5. prints one markdown table (peers, agentctl, ratios, targets) plus the scaling table,
     and writes them with every sample to /tmp/bench-results/agentctl-<time>/results.{json,md}.
 
 Safety: loopback only (a free 127.0.0.1 port per controller); every file under one
@@ -438,7 +440,7 @@ def scale_at(n: int, w: World, env: dict[str, str], a: argparse.Namespace) -> di
     # -- idle footprint
     time.sleep(a.scale_settle)
     th0, c0, w0 = thread_ticks(ctl.pid), cpu_ticks(ctl.pid), time.perf_counter()
-    time.sleep(a.scale_idle)
+    time.sleep(a.scale_idle if n < 1000 else a.scale_idle_big)
     th1, c1, w1 = thread_ticks(ctl.pid), cpu_ticks(ctl.pid), time.perf_counter()
     res["idle_cpu_pct"] = 100.0 * (c1 - c0) / CLK_TCK / (w1 - w0)
     res["idle_cpu_main_pct"] = 100.0 * (th1.get(ctl.pid, 0) - th0.get(ctl.pid, 0)) / CLK_TCK / (w1 - w0)
@@ -467,8 +469,19 @@ def scale_at(n: int, w: World, env: dict[str, str], a: argparse.Namespace) -> di
     tot = metric_value(text, "agentctl_reconcile_duration_seconds_sum")
     res["hist_reconcile_mean_s"] = (tot / cnt) if cnt else None
     res["rss_after_scrapes_mib"] = rss_mib(ctl.pid)
+    # -- `agentctl get -o json`: the whole command, as a person or a script runs it
+    gets = []
+    for _ in range(a.gets):
+        g0 = time.perf_counter()
+        r = subprocess.run([env["agentctl"], "get", "-o", "json", "--state-dir", state], check=False,
+                           capture_output=True, timeout=120)
+        gets.append(time.perf_counter() - g0)
+        if r.returncode != 0:
+            raise RuntimeError(f"N={n}: agentctl get -o json exited {r.returncode}: {r.stderr[-300:]!r}")
+    res["get_json_s"], res["get_json_p50_s"] = gets, median(gets)
     log(f"agentctl N={n}: idle cpu {res['idle_cpu_pct']:.2f}% rss {res['rss_mib']:.1f} MiB; "
-        f"/metrics p50 {res['metrics_p50_s'] * 1000:.1f} ms ({size // 1024} KiB)")
+        f"/metrics p50 {res['metrics_p50_s'] * 1000:.1f} ms ({size // 1024} KiB); "
+        f"get -o json p50 {res['get_json_p50_s'] * 1000:.0f} ms")
 
     # -- churn at this N: crash -> respawned, manifest written -> running, deleted -> gone
     names_cycle = sorted(live_children(ctl.pid))
@@ -576,6 +589,90 @@ def scale_at(n: int, w: World, env: dict[str, str], a: argparse.Namespace) -> di
         left = wait_until(lambda: not w.agents(), timeout=10, interval=0.05)
         res["left_after_stop"] = 0 if left else len(w.agents())
     w.sweep()  # SIGKILL by pid what is left (all of it without --stop-all)
+    return res
+
+
+def edit_manifest_text(name: str, marker: str, suspended: bool) -> str:
+    """A suspended agent (nothing runs) whose resume is one line of its manifest."""
+    return manifest_text(name, marker).replace("  restartPolicy: Always\n",
+                                               f"  restartPolicy: Always\n  suspend: {str(suspended).lower()}\n")
+
+
+def edit_probe(n: int, w: World, env: dict[str, str], a: argparse.Namespace) -> dict[str, Any]:
+    """N manifests of suspended agents under one controller; then, a.edits times, one file is edited
+    the way a person resumes one agent (suspend: true -> false, written to a temporary file and
+    renamed over the manifest, as editors and `kubectl apply`-style tools do): write -> its
+    process running; and the edit back: write -> its process gone. Nothing else runs, so what is
+    timed is the file event, the re-read, the reconcile and a fork+exec, against a tree of N."""
+    res: dict[str, Any] = {"n": n}
+    d = os.path.join(w.root, f"edit-{n}")
+    manifests, state = os.path.join(d, "manifests"), os.path.join(d, "state")
+    os.makedirs(manifests)
+    edited = [f"e{n}x{(i * 7919) % n:05d}" for i in range(a.edits)]
+    for i in range(n):
+        name = f"e{n}x{i:05d}"
+        # only the edited agents ever run: only they get a marker (the rest name one that is never made)
+        marker = w.marker(name) if name in edited else os.path.join(w.bin, "agent." + name)
+        with open(os.path.join(manifests, name + ".yaml"), "w") as f:
+            f.write(edit_manifest_text(name, marker, True))
+    port = free_loopback_port()
+    argv = [env["agentctl"], "run", "--manifests", manifests, "--state-dir", state,
+            "--base-dir", d, "--metrics-addr", f"127.0.0.1:{port}", "--resync", "3600"]
+    res["argv"] = shlex.join(argv)
+    t0 = time.perf_counter()
+    ctl = w.launch(argv, f"controller-edit-{n}.log")
+    t_ready = wait_until(lambda: _ready(port) or ctl.poll() is not None, timeout=60 + 0.02 * n, interval=0.05)
+    if t_ready is None or ctl.poll() is not None:
+        raise RuntimeError(f"edit N={n}: the controller was not ready")
+    res["ready_s"] = t_ready - t0
+    res["rss_mib"] = rss_mib(ctl.pid)
+    time.sleep(1.0)
+    prefix = os.path.join(w.bin, "agent.")
+
+    def running(name: str) -> int | None:
+        for pid in children(ctl.pid):
+            if read_argv0(pid) == prefix + name and is_alive(pid):
+                return pid
+        return None
+
+    def write(name: str, suspended: bool) -> float:
+        path = os.path.join(manifests, name + ".yaml")
+        tmp = os.path.join(manifests, f".{name}.yaml.tmp")
+        with open(tmp, "w") as f:
+            f.write(edit_manifest_text(name, w.marker(name), suspended))
+        t = time.perf_counter()
+        os.rename(tmp, path)
+        return t
+
+    resumed, suspended = [], []
+    for name in edited:
+        t_w = write(name, False)
+        t_up = wait_until(lambda name=name: running(name) is not None, timeout=20, interval=0.001)
+        if t_up is not None:
+            resumed.append(t_up - t_w)
+        time.sleep(0.2)
+        pid = running(name)
+        t_w = write(name, True)
+        if pid is not None:
+            t_down = wait_until(lambda pid=pid: not is_alive(pid), timeout=30, interval=0.001)
+            reap([pid])
+            if t_down is not None:
+                suspended.append(t_down - t_w)
+        time.sleep(0.2)
+    res["resume_s"], res["suspend_s"], res["edits"] = resumed, suspended, len(edited)
+    res["resume_p50_s"], res["resume_p95_s"] = pct(resumed, 50), pct(resumed, 95)
+    res["suspend_p50_s"], res["suspend_p95_s"] = pct(suspended, 50), pct(suspended, 95)
+    res["cpu_s"] = (cpu_ticks(ctl.pid) or 0) / CLK_TCK
+    ctl.send_signal(signal.SIGTERM)
+    try:
+        ctl.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        ctl.kill()
+    log(f"edit N={n}: ready after {res['ready_s']:.1f}s, rss {res['rss_mib']:.1f} MiB; one file edited -> "
+        f"running p50 {_fmt(res['resume_p50_s'] and res['resume_p50_s'] * 1000, 1)} ms "
+        f"(p95 {_fmt(res['resume_p95_s'] and res['resume_p95_s'] * 1000, 1)}), -> gone p50 "
+        f"{_fmt(res['suspend_p50_s'] and res['suspend_p50_s'] * 1000, 1)} ms; {len(resumed)}/{len(edited)} seen")
+    w.sweep()
     return res
 
 
@@ -820,7 +917,7 @@ TARGETS = {  # (key, limit) at N=500 unless said; from the issue
 }
 
 
-def render(peers: dict | None, scale: list[dict], meta: dict) -> str:
+def render(peers: dict | None, scale: list[dict], meta: dict, edit: dict | None = None) -> str:
     L: list[str] = []
     systems = [("supervisord", "supervisord"), ("circus", "circus")]
     if peers:
@@ -881,19 +978,25 @@ def render(peers: dict | None, scale: list[dict], meta: dict) -> str:
         row("cold start (CLI) → all alive, s", lambda r: _fmt(r.get("cold_all_alive_s"), 2), "≤ 1.5 at 500")
         row("  controller CPU during cold start, s", lambda r: _fmt(r.get("cold_cpu_s"), 2))
         row("idle RSS, MiB", lambda r: _fmt(r.get("rss_mib"), 1), "≤ 50 at 500")
-        row("idle CPU, % of a core (all threads)", lambda r: _fmt(r.get("idle_cpu_pct"), 2), "≤ 0.5 at 500")
+        row("  RSS per agent above N=100, KiB", lambda r: _per_agent_kib(scale, r), "≤ 20 at 1000")
+        row("idle CPU, % of a core (all threads; 10 s window at N ≥ 1000)",
+            lambda r: _fmt(r.get("idle_cpu_pct"), 2), "≤ 0.2 at 100 and 1000")
         row("  of which the main (asyncio) thread", lambda r: _fmt(r.get("idle_cpu_main_pct"), 2))
         row("open fds / soft RLIMIT_NOFILE", lambda r: f"{r.get('fds', '-')} / {r.get('fd_soft_limit', '-')}")
         row("crash → respawned, ms p50", lambda r: ms(r.get("respawn_p50_s")), "≤ 10 at 500")
         row("crash → respawned, ms p95", lambda r: ms(r.get("respawn_p95_s")))
         row("manifest written → running, ms p50", lambda r: ms(r.get("add_p50_s")), "≤ 100 at 500")
         row("manifest deleted → gone, ms p50", lambda r: ms(r.get("remove_p50_s")), "≤ 100 at 500")
-        row("GET /metrics, ms p50", lambda r: ms(r.get("metrics_p50_s")), "≤ 100 at 1000")
+        row("GET /metrics, ms p50", lambda r: ms(r.get("metrics_p50_s")), "≤ 30 at 1000")
         row("GET /metrics, ms max", lambda r: ms(r.get("metrics_max_s")))
         row("  /metrics size, KiB / series", lambda r: f"{r.get('metrics_bytes', 0) // 1024} / "
                                                         f"{r.get('metrics_series', '-')}")
+        row("agentctl get -o json (whole command), ms p50 of 5", lambda r: ms(r.get("get_json_p50_s")),
+            "≤ 200 at 1000")
         row("no-op reconcile pass (in-process), ms p50", lambda r: ms(r.get("noop", {}).get("wall_p50_s")),
             "≤ 50 at 1000")
+        row("  agents reconciled in that pass (p50)", lambda r: _fmt(r.get("noop", {}).get("reconciles_p50"), 0),
+            "only those whose inputs changed")
         row("  CPU of that pass, ms p50", lambda r: ms(r.get("noop", {}).get("cpu_p50_s")))
         row("  split: resync() call / sync manifests / per-agent reconciles / publish / rest, ms",
             lambda r: " / ".join(ms(r.get("noop", {}).get(k)) for k in
@@ -915,10 +1018,65 @@ def render(peers: dict | None, scale: list[dict], meta: dict) -> str:
             row("stop all agents (in-process shutdown), s",
                 lambda r: _fmt(r.get("noop", {}).get("stop_all_s"), 2))
         L.append("")
+        growth = growth_1000_to_5000(scale)
+        if growth:
+            L += ["Growth from N=1000 to N=5000 (value at 5000 ÷ value at 1000; 5.0 is linear):", ""]
+            L += [f"- {what}: {v1:g} → {v5:g} {unit}, ×{v5 / v1:.2f}" + (" (linear or better)" if v5 / v1 <= 5.0
+                                                                          else " (**worse than linear**)")
+                  for what, v1, v5, unit in growth]
+            L.append("")
+    if edit:
+        L += [f"### One manifest edited in a tree of {edit['n']} (suspended agents; the edit resumes one)", ""]
+        if "error" in edit:
+            L.append(f"- error: {edit['error']}")
+        else:
+            L += ["| metric | value | target |", "|---|---:|---|",
+                  f"| edit written (rename) → its process running, ms p50 / p95 | "
+                  f"{_ms(edit.get('resume_p50_s'))} / {_ms(edit.get('resume_p95_s'))} | ≤ 100 p50 |",
+                  f"| edit back (suspend) → its process gone, ms p50 / p95 | "
+                  f"{_ms(edit.get('suspend_p50_s'))} / {_ms(edit.get('suspend_p95_s'))} | |",
+                  f"| edits seen | {len(edit.get('resume_s', []))} of {a_edits(edit)} | |",
+                  f"| controller start → /readyz 200 with {edit['n']} manifests, s | {_fmt(edit.get('ready_s'), 1)} | |",
+                  f"| controller RSS, MiB | {_fmt(edit.get('rss_mib'), 1)} | |"]
+        L.append("")
     return "\n".join(L)
 
 
-def targets_summary(peers: dict | None, scale: list[dict]) -> list[dict[str, Any]]:
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+def a_edits(edit: dict) -> int:
+    return int(edit.get("edits", 0))
+
+
+def _per_agent_kib(scale: list[dict], r: dict) -> str:
+    base = next((x for x in scale if x["n"] == 100 and x.get("rss_mib")), None)
+    if base is None or r["n"] <= 100 or not r.get("rss_mib"):
+        return "-"
+    return f"{(r['rss_mib'] - base['rss_mib']) * 1024 / (r['n'] - 100):.1f}"
+
+
+def growth_1000_to_5000(scale: list[dict]) -> list[tuple[str, float, float, str]]:
+    """What issue 16 asks to report with its growth from 1000 to 5000 agents."""
+    by = {r["n"]: r for r in scale if "error" not in r}
+    if 1000 not in by or 5000 not in by:
+        return []
+    r1, r5 = by[1000], by[5000]
+    out = []
+    for what, get, unit, mul in (
+            ("cold start → all running", lambda r: r.get("cold_all_alive_s"), "s", 1),
+            ("idle RSS", lambda r: r.get("rss_mib"), "MiB", 1),
+            ("GET /metrics p50", lambda r: r.get("metrics_p50_s"), "ms", 1000),
+            ("no-op reconcile pass p50", lambda r: r.get("noop", {}).get("wall_p50_s"), "ms", 1000),
+            ("agentctl get -o json p50", lambda r: r.get("get_json_p50_s"), "ms", 1000)):
+        v1, v5 = get(r1), get(r5)
+        if v1 and v5:
+            out.append((what, round(v1 * mul, 2), round(v5 * mul, 2), unit))
+    return out
+
+
+def targets_summary(peers: dict | None, scale: list[dict], edit: dict | None = None) -> list[dict[str, Any]]:
     out = []
 
     def add(what: str, value: float | None, limit: float, unit: str, mul: float = 1) -> None:
@@ -948,7 +1106,16 @@ def targets_summary(peers: dict | None, scale: list[dict]) -> list[dict[str, Any
     if 1000 in by:
         r = by[1000]
         add("no-op reconcile pass over 1000", r.get("noop", {}).get("wall_p50_s"), 50, "ms", 1000)
-        add("/metrics scrape with 1000 agents (p50)", r.get("metrics_p50_s"), 100, "ms", 1000)
+        add("/metrics scrape with 1000 agents (p50)", r.get("metrics_p50_s"), 30, "ms", 1000)
+        add("agentctl get -o json with 1000 agents (p50 of 5)", r.get("get_json_p50_s"), 200, "ms", 1000)
+        add("idle CPU with 1000 agents (10 s window)", r.get("idle_cpu_pct"), 0.2, "%")
+    if 100 in by:
+        add("idle CPU with 100 agents", by[100].get("idle_cpu_pct"), 0.2, "%")
+    if edit and "error" not in edit:
+        add(f"one file edited in a tree of {edit['n']} → applied (its process running), p50",
+            edit.get("resume_p50_s"), 100, "ms", 1000)
+    for what, v1, v5, _ in growth_1000_to_5000(scale):
+        add(f"{what}: growth from 1000 to 5000 agents (5 = linear)", v5 / v1, 5.0, "×")
     return out
 
 
@@ -970,7 +1137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="supervisord,circus,manifestdir")
     p.add_argument("--peer-n", default=None, help="N list for peers.py (full: 100,500; quick: 100)")
     p.add_argument("--churn-n", default=None, help="N at which respawn/add/remove run (full: 500)")
-    p.add_argument("--scale-n", default=None, help="N list for agentctl alone (full: 100,500,1000,2000)")
+    p.add_argument("--scale-n", default=None,
+                   help="N list for agentctl alone (full: 100,500,1000,5000; quick: 100,1000); up to 5000 "
+                        "fits this host's limits (RLIMIT_NOFILE 20000, pid_max 32768)")
+    p.add_argument("--edit-n", type=int, default=20000,
+                   help="manifests in the tree of the one-file-edit probe (0: skip it)")
     p.add_argument("--stop-all", action="store_true",
                    help="let the in-process controller stop all agents (shutdown) and time it; slow at 2000")
     p.add_argument("--seed", type=int, default=1)
@@ -985,7 +1156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.skip_scale = a.scale_n is None  # with --scale-n: also the no-op pass cProfile there
     a.peer_n = a.peer_n or ("100" if q else "100,500")
     a.churn_n = a.churn_n or ("100" if q else "500")
-    a.scale_n = [int(x) for x in (a.scale_n or ("100,500" if q else "100,500,1000,2000")).split(",") if x]
+    a.scale_n = [int(x) for x in (a.scale_n or ("100,1000" if q else "100,500,1000,5000")).split(",") if x]
     a.cold_reps = 1 if q else 3
     a.respawn_trials = 10 if q else 30
     a.add_trials = 5 if q else 20
@@ -994,6 +1165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.peer_budget = 120 if q else 330
     a.scale_settle = 1.0
     a.scale_idle = 3.0 if q else 5.0
+    a.scale_idle_big = 10.0  # at N >= 1000: a 10 s window resolves 0.1 % (10 ms ticks)
+    a.gets = 5
+    a.edits = 7 if q else 15
     a.scrapes = 3 if q else 5
     a.scale_respawns = 10 if q else 20
     a.scale_adds = 5 if q else 10
@@ -1005,7 +1179,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.profile_idle = 10.0
     a.profile_rate = 250
     a.profile_kills = 200
-    a.scale_budget = 120 if q else 300
+    a.scale_budget = 150 if q else 420
     return a
 
 
@@ -1032,7 +1206,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": _git_rev(),
     }
     log(f"results in {a.out_dir}; {env['agentctl_version']} ({env['agentctl']}); loadavg {' '.join(load0)}")
-    peers, scale, profile = None, [], None
+    peers, scale, profile, edit = None, [], None, None
     w = World(a.keep)
     try:
         if not a.skip_peers:
@@ -1052,6 +1226,16 @@ def main(argv: list[str] | None = None) -> int:
                     scale.append({"n": n, "error": f"{type(e).__name__}: {e}"})
                 finally:
                     w.sweep()
+        if a.edit_n and not a.profile_only:
+            try:
+                edit = edit_probe(a.edit_n, w, env, a)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded, the rest of the run still reports
+                log(f"edit N={a.edit_n}: ERROR {type(e).__name__}: {e}")
+                edit = {"n": a.edit_n, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                w.sweep()
         if a.profile:
             profile = profile_run(a.profile_n, w, env, a)
     except KeyboardInterrupt as e:
@@ -1064,8 +1248,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_s"] = round(time.perf_counter() - t_start, 1)
     if peers:
         meta["peer_versions"] = peers["meta"].get("versions")
-    table = render(peers, scale, meta)
-    summary = targets_summary(peers, scale)
+    table = render(peers, scale, meta, edit)
+    summary = targets_summary(peers, scale, edit)
     head = (f"Run {meta['started']} on {meta['host']} ({meta['cpus']} CPUs, Linux {meta['kernel']}, "
             f"Python {meta['python']}), {meta['mode']} mode, {meta['agentctl_version']} at git {meta['git']}; "
             f"loadavg {' '.join(meta['loadavg_start'])} → {' '.join(meta['loadavg_end'])}; "
@@ -1106,7 +1290,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"| {tt * 1000:.1f} | {ct * 1000:.1f} | {nc} | {k} |" for k, nc, tt, ct in rows]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(a.out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "peers": peers and peers.get("results"), "scale": scale,
+        json.dump({"meta": meta, "peers": peers and peers.get("results"), "scale": scale, "edit": edit,
                    "targets": summary, "profile": profile}, f, indent=1, default=str)
     with open(os.path.join(a.out_dir, "results.md"), "w") as f:
         f.write(text)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from controller import logfiles
 from controller.model import InstanceRecord, RunState
@@ -32,10 +34,14 @@ EARLY = 0.25
 @dataclass
 class _Log:
     next_at: float
+    path: str  # the log file, as a string: a look is one stat, no Path objects (idle CPU at 1000 logs)
     size: int = 0
     at: float = 0.0
     rate: float | None = None  # bytes per second, measured between looks (decaying, see _look)
     wait: float = FIRST_CHECK  # the last interval between looks
+    spec: object = None  # the DesiredAgent and the run's spec hash the limits below were read from
+    spec_hash: str | None = None
+    limits: tuple[int, int] | None = None
 
 
 @dataclass
@@ -45,13 +51,18 @@ class Rotator:
     controller: Controller
     logs: dict[str, _Log] = field(default_factory=dict)
 
-    def _limits(self, rec: InstanceRecord) -> tuple[int, int] | None:
-        """(maxBytes, backups) of the spec the instance runs, None while it runs an older one."""
+    def _limits(self, rec: InstanceRecord, state: _Log) -> tuple[int, int] | None:
+        """(maxBytes, backups) of the spec the instance runs, None while it runs an older one;
+        read again only when the agent's desired spec or the run's spec hash changed."""
         agent = self.controller.agents.get(rec.agent)
-        if agent is None or agent.desired is None or agent.desired.spec_hash != rec.spec_hash:
-            return None
-        limits = agent.desired.spec.logs
-        return limits.max_bytes, limits.backups
+        desired = agent.desired if agent is not None else None
+        if desired is not state.spec or rec.spec_hash != state.spec_hash:
+            state.spec, state.spec_hash = desired, rec.spec_hash
+            if desired is None or desired.spec_hash != rec.spec_hash:
+                state.limits = None
+            else:
+                state.limits = desired.spec.logs.max_bytes, desired.spec.logs.backups
+        return state.limits
 
     async def check(self, now: float) -> float:
         """Rotate what is over its limit; returns seconds until the next log is due."""
@@ -60,17 +71,24 @@ class Rotator:
         for gone in set(self.logs) - set(live):
             del self.logs[gone]
         for iid, rec in live.items():
-            state = self.logs.setdefault(iid, _Log(next_at=now))
-            limits = self._limits(rec)
-            if limits is None or state.next_at > now + state.wait * EARLY:
+            state = self.logs.get(iid)
+            if state is None:
+                state = self.logs[iid] = _Log(next_at=now, path=str(self.controller.log_path(iid)))
+            if state.next_at > now + state.wait * EARLY:
+                continue
+            limits = self._limits(rec, state)
+            if limits is None:
                 continue
             await self._look(iid, state, *limits, now)
         due = [s.next_at for s in self.logs.values()]
         return max(MIN_CHECK, min(due, default=now + IDLE_WAKE) - time.monotonic())
 
     async def _look(self, iid: str, state: _Log, max_bytes: int, backups: int, now: float) -> None:
-        path = self.controller.log_path(iid)
-        size = logfiles.size(path)
+        path = state.path
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = 0  # not written yet (or gone): as logfiles.size says
         if state.at and size >= state.size:
             # a bursty writer (2 MiB at once, then a quiet second) must not look quiet between
             # bursts: the estimate is the measured rate or the last one decayed, whichever is higher
@@ -82,7 +100,7 @@ class Rotator:
                 state.rate = size / FIRST_CHECK
             try:
                 # the copy of up to maxBytes and more: never on the event loop
-                await asyncio.to_thread(logfiles.rotate_if_needed, path, max_bytes, backups)
+                await asyncio.to_thread(logfiles.rotate_if_needed, Path(path), max_bytes, backups)
                 log.info("%s log rotated (over %d bytes)", iid, max_bytes)
             except OSError as exc:
                 log.error("%s log rotation failed: %s", iid, exc)

@@ -214,7 +214,7 @@ async def _reconcile_now(controller: Controller, stem: str) -> None:
         if result.changed:
             controller.manifests_changed = True
     controller.ops._waiting += (stem,)
-    controller.resync()
+    controller.resync(full=True)  # a full pass, as asked: every agent is reconciled
 
 
 def after_publish(controller: Controller) -> None:

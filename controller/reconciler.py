@@ -24,7 +24,7 @@ from controller.clock import SystemClock, TimeSource
 from controller.desired import DesiredAgent
 from controller.gitsource import GitSource
 from controller.loader import LoadResult
-from controller.model import Forget, InstanceRecord, Kill, Plan, RunState, Start, Stop
+from controller.model import Forget, InstanceRecord, Kill, Plan, RunState, Start, Stop, Wait
 from controller.planner import AgentView, plan_agent
 from controller.providers import Preset
 from controller.runtime.calls import Caller, call
@@ -86,6 +86,11 @@ class Controller:
         self._commit_retry: asyncio.TimerHandle | None = None
         self._fleet: FleetHooks | None = None
         self._stop_event: asyncio.Event | None = None
+        # agent -> the inputs its last reconcile planned on, kept only when that plan only waited:
+        # a periodic resync reconciles an agent again only when these differ (or drift is seen)
+        self._planned_on: dict[str, tuple[object, ...]] = {}
+        self._drift_check = False
+        self._touched: set[str] = set()  # manifest files a watch event named, read at the next step
 
     # -- setup --------------------------------------------------------------
     def open(self) -> None:
@@ -267,15 +272,29 @@ class Controller:
         self.queue.mark(name)
         return True
 
+    def manifests_touched(self, paths: set[str]) -> None:
+        """A file event named these manifest files: the next step re-reads only them (a walk and a
+        re-read of everything is what manifests_changed asks for)."""
+        self._touched |= paths
+        self.queue.wake()
+
     def sync_manifests(self, result: LoadResult | None = None) -> None:
         self.intake.sync(result)
 
-    def resync(self) -> None:
+    def resync(self, *, full: bool = False) -> None:
         """Periodic: re-read manifests and look again at every agent (drift, e.g. a process killed by
         hand). No orphan sweep here: orphans come from exits, swept a second later, and from a
-        previous controller's life, which startup recovery covers."""
+        previous controller's life, which startup recovery covers.
+
+        The re-read stats every file and re-reads only changed ones; then only agents whose inputs
+        changed since their last plan, or whose processes are no longer watched, are reconciled
+        (`_mark_drifted`). full=True (`agentctl reconcile`) reconciles every agent."""
         self.manifests_changed = True
-        self.queue.mark_all(self.table.agents)
+        if full:
+            self.queue.mark_all(self.table.agents)
+        else:
+            self._drift_check = True
+            self.queue.wake()
 
     # -- observe + plan -----------------------------------------------------
     def view(self, agent: AgentState) -> AgentView:
@@ -294,6 +313,48 @@ class Controller:
             last_signal=last.stop_signal if last else signals.SIGTERM,
             last_grace=last.spec.stop.grace_period_seconds if last else 10.0,
         )
+
+    def _inputs(self, agent: AgentState, shared: tuple[object, ...]) -> tuple[object, ...]:
+        """Everything plan_agent and the status of agent are computed from, other than time (which
+        the plan's requeue deadline covers). Records are immutable and replaced on every change, so
+        comparing them is mostly an identity check."""
+        ids = self.table.by_agent.get(agent.name)
+        recs = tuple(self.table.instances[i] for i in sorted(ids)) if ids else ()
+        desired = agent.desired
+        sup = self.supervisors.get(desired.spec.supervisor) if desired is not None else None
+        return (desired, agent.present, agent.placed, agent.halted, agent.valid, tuple(agent.errors),
+                agent.source, agent.source_revision, agent.pending_reason, recs,
+                sup.unavailable_reason() if sup is not None else None, self.ops.is_suspended(agent.name), shared)
+
+    def _shared_inputs(self) -> tuple[object, ...]:
+        """Inputs every agent's plan and status share: the source's readiness and, under
+        --max-agents, whether a slot is free."""
+        return (self.intake.source_ready(), self.intake.source_reason(),
+                self.capacity() > 0 if self.settings.max_agents is not None else None)
+
+    def _drifted(self, name: str) -> bool:
+        """A live instance that nothing watches any more (an exit it would not hear), or one whose
+        remnants or kill are still being finished: a reconcile must look (exits.check)."""
+        for iid in self.table.by_agent.get(name, ()):
+            rec = self.table.instances[iid]
+            if iid in self.exits.remnants or rec.killed:
+                return True
+            if rec.state != RunState.EXITED and rec.handle is not None and not self.exits.watcher.watching(iid):
+                return True
+        return False
+
+    def _mark_drifted(self) -> None:
+        """The resync's drift check: reconcile only agents whose inputs changed since their last
+        plan (which then only waited) or whose processes are no longer watched."""
+        if self._fleet is not None:  # the fleet's claims are inputs too: look at everything
+            self.queue.mark_all(self.table.agents)
+            return
+        shared, seen, busy = self._shared_inputs(), self._planned_on, self.queue.dirty
+        for name, agent in self.table.agents.items():
+            if name in busy or name in self.tasks:
+                continue
+            if seen.get(name) != self._inputs(agent, shared) or self._drifted(name):
+                self.queue.mark(name)
 
     def capacity(self) -> int:
         if self.settings.max_agents is None:
@@ -332,10 +393,28 @@ class Controller:
         if not self.ready:
             self._first_pass_seen.add(name)
         if not agent.present and not self.table.of(name):
+            self._planned_on.pop(name, None)
             self._drop_agent(name)
             return
+        if self._settled(agent, plan, now):
+            self._planned_on[name] = self._inputs(agent, self._shared_inputs())
+        else:  # more to do once something happens: the next resync looks again
+            self._planned_on.pop(name, None)
         self.publisher.agent(agent, self.view(agent), source_ready=self.intake.source_ready(),
                              source_reason=self.intake.source_reason())
+
+    def _settled(self, agent: AgentState, plan: Plan, now: float) -> bool:
+        """The plan only waited, or, after its actions, a plan on the state they left only waits
+        (a start that went through): then the inputs are worth keeping for the resync's skip.
+        That second plan's deadline is kept too, so nothing it waits for is left to the resync."""
+        if all(isinstance(a, Wait) for a in plan.actions):
+            return True
+        again = self.plan(agent)
+        if not all(isinstance(a, Wait) for a in again.actions):
+            return False
+        if again.requeue_after is not None:
+            self.queue.at_most(agent.name, now + again.requeue_after)
+        return True
 
     def _drop_agent(self, name: str) -> None:
         agent = self.table.drop_agent(name)
@@ -425,8 +504,15 @@ class Controller:
         """Fold in what changed (manifests, due timers) and start the reconciles it calls for."""
         if self.manifests_changed:
             self.manifests_changed = False
+            self._touched.clear()  # the full sync reads them too
             self.intake.sync()
+        elif self._touched:
+            touched, self._touched = self._touched, set()
+            self.intake.sync_paths(touched)
         self.queue.due(self.clock.monotonic())
+        if self._drift_check:  # after the sync and the timers: what they marked is not looked at twice
+            self._drift_check = False
+            self._mark_drifted()
         self.dispatch()
 
     def publish(self) -> None:

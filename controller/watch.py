@@ -34,6 +34,8 @@ ENTRIES_STEP_MS = 100  # the parent dir and restart requests: a swap is rare, a 
 
 
 Keep = Callable[[str], bool]  # which changed paths matter
+# events that need a walk of the tree: a directory's, or the watched root's own
+_WALK = inotify.IN_ISDIR | inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED
 
 
 def _relevant(root: Path) -> Keep:
@@ -203,8 +205,11 @@ async def _tree_events(controller: Controller, given: Path, target: Path, ino: i
         if lost:
             ino.overflowed = False
             ino.add_tree(target)  # directories created while events were lost get their watch
-        if lost or any(keep(str(e.path)) for e in events):
+        files = {str(e.path) for e in events if keep(str(e.path))}
+        if lost or any(e.mask & _WALK for e in events):
             _manifests_changed(controller)
+        elif files:  # files only: the controller re-reads just these, no walk of the tree
+            controller.manifests_touched(files)
         if target not in ino.dirs.values() or given.resolve() != target or not target.is_dir():
             replaced.set()  # the swap itself was seen from inside: re-aim now
 

@@ -85,6 +85,24 @@ class Intake:
         agents = self.table.agents
         return self.source.load({n: a.source for n, a in agents.items() if a.desired is not None})
 
+    def sync_paths(self, paths: set[str]) -> None:
+        """Fold in a change to these manifest files only (a file event): no walk, no re-read of
+        the others; a change the loader cannot fold in alone (a directory) is a full sync."""
+        result = None if self.git is not None else self.source.load_paths(paths, self._running_from)
+        self.sync(result)
+
+    def _running_from(self, name: str) -> str | None:
+        agent = self.table.agents.get(name)
+        return agent.source if agent is not None and agent.desired is not None else None
+
+    def _names(self, result: LoadResult) -> set[str] | None:
+        """The agents this load may have changed: None (all) after a full load; after a load of a
+        few files, the names they declared before and now, and the agents whose source they are."""
+        if result.only is None or result.only_files is None:
+            return None
+        files = result.only_files
+        return result.only | {n for n, a in self.table.agents.items() if a.source in files}
+
     def sync(self, result: LoadResult | None = None) -> None:
         """Fold a fresh load of the manifests into the agents; mark what changed dirty."""
         if result is None:
@@ -93,16 +111,20 @@ class Intake:
                 return
         if self.source_health.update(result):
             self.queue.mark_all(self.table.agents)  # SourceReady changes on every status
+        names = self._names(result)  # None: every agent
         declared: set[str] = set()
-        for name, loaded in result.manifests.items():
+        manifests = result.manifests
+        for name in manifests if names is None else [n for n in names if n in manifests]:
             declared.add(name)
-            self._take_valid(name, loaded)
+            self._take_valid(name, manifests[name])
         errors_by_agent: dict[str, list[str]] = {}
         for err in result.errors:
-            if err.agent:
+            if err.agent and (names is None or err.agent in names):
                 errors_by_agent.setdefault(err.agent, []).append(str(err))
         self._log_file_errors(result)
         for file in result.broken_files:
+            if result.only_files is not None and file not in result.only_files:
+                continue  # unchanged since the last load: its agents already carry its error
             message = "; ".join(str(e) for e in result.errors if e.file == file and not e.agent)
             for name, agent in self.table.agents.items():
                 if agent.source == file and agent.present:
@@ -110,7 +132,8 @@ class Intake:
         for name, messages in errors_by_agent.items():
             declared.add(name)
             self._take_invalid(name, result, messages)
-        for name, agent in self.table.agents.items():
+        agents = self.table.agents
+        for name, agent in (agents.items() if names is None else [(n, agents[n]) for n in names if n in agents]):
             if name not in declared and agent.present:
                 if kept_by_failure(result, agent.source):
                     continue  # a read that failed is never a deletion (CONTRACT §11)

@@ -91,6 +91,10 @@ class Sim:
         self.restarts_asked: list[tuple[str, int, bool]] = []
         self.called: dict[str, bool] = {}  # instance -> its in-flight start has called the supervisor
         self.lossy = False  # store writes have failed at some point
+        # the periodic resync and lost exit watches draw from their own stream: the schedules of
+        # the other events stay what they were for every seed
+        self.drift_rng = random.Random(self.seed * 7919 + 1)
+        self.next_resync = 30.0  # simulated seconds: the periodic resync (settings resync=30)
 
     # -- the schedule --------------------------------------------------------
     def note(self, text: str) -> None:
@@ -366,6 +370,56 @@ class Sim:
             return
         ctl.manifests_changed = True  # a file event
 
+    async def drift(self) -> None:
+        """What only the periodic resync finds: an exit watch lost without a word (a later crash of
+        that process sends no event), and the resync itself, after which a full pass must find
+        nothing more to do (check_resync_hid_nothing)."""
+        r, ctl = self.drift_rng, self.ctl
+        assert ctl is not None and self.watcher is not None
+        if r.random() < 0.08 and self.watcher.watched:
+            iid = r.choice(sorted(self.watcher.watched))
+            self.watcher.unwatch(iid)
+            self.note(f"  exit watch of {iid} lost")
+            if r.random() < 0.5:
+                self.crash_one("unwatched, maybe")
+        if r.random() < 0.3:
+            self.note("periodic resync")
+            ctl.resync()
+            await self.settle()
+            await self.check_resync_hid_nothing()
+
+    async def check_resync_hid_nothing(self) -> None:
+        """The resync reconciled only agents whose inputs changed: a full pass right after it, at the
+        same instant and without faults, must change no record, no status, and start nothing."""
+        ctl = self.ctl
+        if ctl is None or self.killed or not ctl.quiet():
+            return
+
+        def seen() -> tuple[object, ...]:
+            docs = {n: {k: v for k, v in d.items() if k != "updatedAt"} for n, d in ctl.status.docs.items()}
+            return dict(ctl.instances), docs, len(self.world.starts)
+
+        chaos, self.chaos_on = self.chaos_on, False
+        try:
+            # what the pass itself changed (a slot freed) is for the next resync: run them to a fixpoint
+            before = seen()
+            for _ in range(5):
+                ctl.resync()
+                await self.settle()
+                if self.ctl is not ctl or seen() == before:
+                    break
+                before = seen()
+            ctl.resync(full=True)
+            await self.settle()
+        finally:
+            self.chaos_on = chaos
+        if self.ctl is ctl and seen() != before:
+            after = seen()
+            changed = sorted({*before[0], *after[0]} - {k for k in before[0] if before[0].get(k) == after[0].get(k)}) \
+                if isinstance(before[0], dict) and isinstance(after[0], dict) else []
+            raise InvariantViolation(f"a resync skipped what a full pass then changed: records {changed}, "
+                                     f"starts {before[2]} -> {after[2]}")
+
     # -- invariants --------------------------------------------------------------
     def check_always(self) -> None:
         ctl = self.ctl
@@ -484,21 +538,33 @@ class Sim:
         await self.run_guarded(self.start_up())
         for step in range(self.steps):
             await self.event()
+            if self.ctl is not None and self.ctl.queue.dirty and self.drift_rng.random() < 0.1:
+                # the event's mark is lost (never a file read, a record or a timer): only the resync's
+                # comparison of inputs can find what it changed
+                self.note(f"  marks of {sorted(self.ctl.queue.dirty)} lost")
+                self.ctl.queue.dirty.clear()
             await self.settle()
             self.check_always()
+            if self.ctl is not None:
+                await self.drift()
+                self.check_always()
         # events stop: no faults, no failing store; time passes until everything converged
         self.chaos_on = False
         if self.store is not None:
             self.store.failing = None
         self.note("-- quiet --")
-        waited = 0.0
+        waited = resynced = 0.0
         while True:
             self.clock.advance(1.0)
             waited += 1.0
+            if waited % self.next_resync == 1 and self.ctl is not None:
+                self.ctl.resync()  # the periodic resync: what no event announced (a lost watch) is found
+                resynced = waited
             await self.settle()
             self.check_always()
             why = self.converged()
-            if why is None and waited > 3.0:
+            # an exit the resync found has its orphan sweep a second later: give it that second
+            if why is None and waited > 3.0 and waited - resynced > 2.0:
                 break
             if waited > QUIET_LIMIT:
                 raise InvariantViolation(f"not converged {QUIET_LIMIT:g}s after the last event: {why}")

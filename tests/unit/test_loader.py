@@ -401,3 +401,60 @@ def test_a_failed_env_file_read_is_not_cached(base: Path, monkeypatch: pytest.Mo
     assert src.load().manifests == {}
     monkeypatch.setattr(loader, "read_regular", real)
     assert list(src.load().manifests) == ["a"]  # read again, nothing changed on disk
+
+
+# -- a load of the changed files only (a file event) ------------------------------------------------
+
+def same_as_a_walk(base: Path, src: ManifestSource, changed: list[Path], previous: dict[str, str]) -> LoadResult:
+    """load_paths of the changed files says what a fresh walk of the tree says."""
+    part = src.load_paths([str(p) for p in changed], previous.get)
+    assert part is not None
+    full = source(base).load(previous)
+    assert part.manifests == full.manifests
+    assert [str(e) for e in part.errors] == [str(e) for e in full.errors]
+    assert part.names_by_file == full.names_by_file
+    assert (part.broken_files, part.unreadable) == (full.broken_files, full.unreadable)
+    return part
+
+
+def test_a_load_of_changed_files_agrees_with_a_walk_through_edits_clashes_and_deletions(base: Path) -> None:
+    m = base / "manifests"
+    a = write(m / "a.yaml", manifest_yaml("alpha"))
+    b = write(m / "sub/b.yaml", manifest_yaml("beta"))
+    src = source(base)
+    src.load()
+    previous = {"alpha": str(a), "beta": str(b)}
+    edited = same_as_a_walk(base, src, [write(a, manifest_yaml("alpha", command=["python3", "x.py"]))], previous)
+    assert edited.only == {"alpha"} and edited.manifests["alpha"].manifest.spec.command == ["python3", "x.py"]
+    clash = write(m / "c.yaml", manifest_yaml("beta", command=["python3", "c.py"]))  # a duplicate name
+    assert "duplicate" in str(same_as_a_walk(base, src, [clash], previous).errors)
+    same_as_a_walk(base, src, [write(clash, "spec: [unclosed\n")], previous)  # broken: its names are unknown
+    renamed = write(m / "d.yml", manifest_yaml("delta"))
+    clash.unlink()
+    moved = same_as_a_walk(base, src, [clash, renamed], previous)
+    assert set(moved.manifests) == {"alpha", "beta", "delta"}
+    b.unlink()
+    assert "beta" not in same_as_a_walk(base, src, [b], previous).manifests
+    ignored = src.load_paths([str(write(m / ".hidden.yaml", manifest_yaml("ghost"))), str(m / "x.yaml~")], previous.get)
+    assert ignored is not None and "ghost" not in ignored.manifests
+
+
+def test_a_load_of_changed_files_reads_only_them(base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [write(base / f"manifests/a{i}.yaml", manifest_yaml(f"a{i}")) for i in range(5)]
+    src = source(base)
+    src.load()
+    calls = counting_parse(monkeypatch)
+    write(files[2], manifest_yaml("a2", command=["python3", "y.py"]))
+    assert src.load_paths([str(files[2])], {}.get) is not None
+    assert calls == [str(files[2])]
+
+
+def test_a_directory_change_or_the_first_load_needs_a_walk(base: Path) -> None:
+    src = source(base)
+    assert src.load_paths([str(base / "manifests/a.yaml")], {}.get) is None  # nothing walked yet
+    src.load()
+    new_dir = base / "manifests/new"
+    write(new_dir / "n.yaml", manifest_yaml("n"))
+    assert src.load_paths([str(new_dir / "n.yaml")], {}.get) is None  # a directory the walk never listed
+    assert src.load_paths([str(base / "manifests")], {}.get) is None
+    assert "n" in src.load().manifests
