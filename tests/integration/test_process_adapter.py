@@ -366,3 +366,15 @@ def test_a_nul_byte_in_the_env_is_a_final_start_error(rig: Rig) -> None:
     with pytest.raises(SupervisorError) as info:
         rig.adapter.start(rig.spec([sys.executable, "-c", "pass"], env={"A": "x\0y"}), rig.log)
     assert info.value.retryable is False
+
+
+@needs_cgroups
+def test_a_signal_the_controller_ignores_stays_ignored_in_the_child_as_with_popen(rig: Rig) -> None:
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        handle = rig.adapter.start(rig.spec(["/bin/grep", "^SigIgn", "/proc/self/status"]), rig.log)
+        rig.handles.append(handle)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    text = rig.wait_output("SigIgn")
+    assert "SigIgn:\t0000000000000001" in text, text  # SIGHUP only: SIGPIPE and SIGXFSZ are restored
