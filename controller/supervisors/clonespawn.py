@@ -14,6 +14,7 @@ from __future__ import annotations
 import _signal  # type: ignore[import-not-found]  # CPython's C module under signal.py: ints, no enums
 import ctypes
 import errno
+import gc
 import logging
 import os
 import platform
@@ -155,18 +156,24 @@ class CloneSpawner:
         reset = handled_signals()
         max_fd = ctypes.c_uint(0xFFFFFFFF)
         report = ctypes.create_string_buffer(8)
-        interval = sys.getswitchinterval()
+        interval, collecting = sys.getswitchinterval(), gc.isenabled()
         os.sched_yield()  # gives the GIL up and takes it again: taking it clears a pending request
         sys.setswitchinterval(HOLD_GIL_INTERVAL)  # and none comes before the clone, microseconds later
+        gc.disable()  # no finalizer of the parent's objects may run in the copy (a buffer flushed twice)
         try:
             libc.sigmask(SIG_BLOCK, block_all, old_mask)  # no signal handler may run in the copy
             pid = libc.syscall(SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
             if pid == 0:  # the child: pre-built arguments only, then exec or _exit
-                _child(libc, c_path, c_argv, c_env, c_cwd, stdin, stdout, reset, old_mask, max_fd, report, wr)
+                try:
+                    _child(libc, c_path, c_argv, c_env, c_cwd, stdin, stdout, reset, old_mask, max_fd, report, wr)
+                finally:  # whatever happened, the copy never returns into the controller's code
+                    libc.exit(127)
             err = ctypes.get_errno()
             libc.sigmask(SIG_SETMASK, old_mask, None)
         finally:
             sys.setswitchinterval(interval)
+            if collecting:
+                gc.enable()
         os.close(wr)
         try:
             if pid < 0:
