@@ -41,8 +41,9 @@ STEP_FDS, STEP_SESSION, STEP_CWD, STEP_CLOSE, STEP_EXEC = 1, 2, 3, 4, 5
 SUPPORTED_MACHINES = ("x86_64", "aarch64", "arm64")
 # While a child is made, no other thread may ask for the GIL: the copy would see the request and,
 # alone in its process, wait forever for a thread that does not exist to take the GIL. A thread
-# asks only after waiting a whole switch interval; this one outlasts the clone by far.
-HOLD_GIL_INTERVAL = 30.0
+# asks only after waiting a whole switch interval; this one outlasts the clone (microseconds) by
+# far, and is short enough that a thread that began to wait inside it is not starved for long.
+HOLD_GIL_INTERVAL = 0.2
 
 
 class CloneArgs(ctypes.Structure):
@@ -184,8 +185,9 @@ class CloneSpawner:
 
     def _await_exec(self, pid: int, rd: int) -> int:
         """EOF on the pipe: the child exec'd (the pipe is close-on-exec). 8 bytes: a step failed."""
-        ready, _, _ = select.select([rd], [], [], EXEC_TIMEOUT)
-        if not ready:
+        poller = select.poll()  # not select(): with thousands of agents this fd is above 1024
+        poller.register(rd, select.POLLIN)
+        if not poller.poll(EXEC_TIMEOUT * 1000):
             os.kill(pid, signals.SIGKILL)  # our own child, wedged before its exec
             os.waitpid(pid, 0)
             raise MechanismError(f"the child did not exec within {EXEC_TIMEOUT:g}s")

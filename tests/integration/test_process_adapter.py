@@ -378,3 +378,21 @@ def test_a_signal_the_controller_ignores_stays_ignored_in_the_child_as_with_pope
         signal.signal(signal.SIGHUP, before)
     text = rig.wait_output("SigIgn")
     assert "SigIgn:\t0000000000000001" in text, text  # SIGHUP only: SIGPIPE and SIGXFSZ are restored
+
+
+@needs_cgroups
+def test_a_start_works_when_the_controller_holds_more_than_1024_fds(rig: Rig) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"fd limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]  # as with 1000 agents
+    try:
+        handle = rig.start(SLEEP)
+        assert cgroups.contains(handle.cgroup, handle.pid)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
