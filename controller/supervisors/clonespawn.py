@@ -177,6 +177,8 @@ class CloneSpawner:
                 gc.enable()
         os.close(wr)
         try:
+            if pid < 0 and err in (errno.EAGAIN, errno.ENOMEM):
+                raise OSError(err, os.strerror(err))  # out of processes or memory: retried, as with Popen
             if pid < 0:
                 raise MechanismError(f"clone3: {os.strerror(err)}")
             return self._await_exec(pid, rd)
