@@ -1,7 +1,7 @@
 """The `process` adapter: each instance is a direct child, leader of its own process group,
 in its own cgroup where the host allows one (else tracked by process group and marker env):
-the child is born in it (clone3, supervisors/clonespawn.py) or, where that cannot be used, joins
-it through a /bin/sh trampoline before it execs argv.
+a lone start is born in it (clone3, supervisors/clonespawn.py); a start in a burst, or where clone3
+cannot be used, joins it through a /bin/sh trampoline before it execs argv.
 
 argv is exec'd without a shell; env is given to execve, never on a command line; output is
 appended to the instance log. Exit codes are known for children of this controller; an
