@@ -304,3 +304,96 @@ def test_freeze_and_kill_ends_a_forking_instance_without_cgroup_kill(rig: Rig) -
     for pid in members:
         reap(pid)
     assert (Path(handle.cgroup) / "cgroup.freeze").read_text().strip() == "0", "thawed again"
+
+
+# -- how the child is made: born in its cgroup (clone3), or joined through the trampoline --------
+STATUS = "print([l for l in open('/proc/self/status') if l.startswith(('SigBlk', 'SigIgn'))], flush=True)\n"
+
+
+@needs_cgroups
+def test_the_child_starts_with_no_signal_blocked_and_only_its_stdio_open(rig: Rig) -> None:
+    # python itself ignores SIGPIPE and SIGXFSZ at start: read the mask of a plain program instead
+    handle = rig.adapter.start(rig.spec(["/bin/grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]), rig.log)
+    rig.handles.append(handle)
+    text = rig.wait_output("SigIgn")
+    assert "SigBlk:\t0000000000000000" in text and "SigIgn:\t0000000000000000" in text, text
+    handle = rig.start("import os; print('fds', sorted(os.listdir('/proc/self/fd')), flush=True)\n" + SLEEP)
+    listed = rig.wait_output("fds ").split("fds ")[1].splitlines()[0]
+    assert listed == "['0', '1', '2', '3']", listed  # stdio and the listing's own fd: nothing of ours leaked
+    assert os.getsid(handle.pid) == handle.pid
+
+
+@needs_cgroups
+def test_children_are_born_in_their_cgroup_while_other_threads_keep_the_interpreter_busy(rig: Rig) -> None:
+    import threading
+
+    stop = threading.Event()
+
+    def busy() -> None:
+        while not stop.is_set():
+            sum(range(2000))  # pure Python: holds the GIL until asked for it
+
+    rig.adapter.burst_gap = 0.0  # every start is born in its cgroup, however close together
+    threads = [threading.Thread(target=busy) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(10):
+            handle = rig.start(SLEEP)
+            assert cgroups.contains(handle.cgroup, handle.pid)
+            rig.adapter.signal(handle, signal.SIGKILL)
+            rig.wait_gone(handle)
+            rig.adapter.exit_status(handle)
+            rig.adapter.cleanup(handle)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert rig.adapter.clone.usable(), rig.adapter.clone.problem
+
+
+@needs_cgroups
+def test_without_clone3_the_child_joins_its_cgroup_through_the_trampoline(rig: Rig) -> None:
+    rig.adapter.clone.problem = "off for this test"
+    handle = rig.start("import os; print('cg', open('/proc/self/cgroup').read().strip(), flush=True)\n" + SLEEP)
+    assert os.path.basename(handle.cgroup) in rig.wait_output("cg ")  # there before the command ran
+    assert cgroups.contains(handle.cgroup, handle.pid)
+    rig.adapter.signal(handle, signal.SIGKILL)
+    rig.wait_gone(handle)
+    assert rig.adapter.exit_status(handle) == ExitStatus(None, signal.SIGKILL)
+
+
+def test_a_nul_byte_in_the_env_is_a_final_start_error(rig: Rig) -> None:
+    with pytest.raises(SupervisorError) as info:
+        rig.adapter.start(rig.spec([sys.executable, "-c", "pass"], env={"A": "x\0y"}), rig.log)
+    assert info.value.retryable is False
+
+
+@needs_cgroups
+def test_a_signal_the_controller_ignores_stays_ignored_in_the_child_as_with_popen(rig: Rig) -> None:
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    try:
+        handle = rig.adapter.start(rig.spec(["/bin/grep", "^SigIgn", "/proc/self/status"]), rig.log)
+        rig.handles.append(handle)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    text = rig.wait_output("SigIgn")
+    assert "SigIgn:\t0000000000000001" in text, text  # SIGHUP only: SIGPIPE and SIGXFSZ are restored
+
+
+@needs_cgroups
+def test_a_start_works_when_the_controller_holds_more_than_1024_fds(rig: Rig) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"fd limit {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]  # as with 1000 agents
+    try:
+        handle = rig.start(SLEEP)
+        assert cgroups.contains(handle.cgroup, handle.pid)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
