@@ -35,6 +35,8 @@ def float_to_go(value: float) -> str:
 
 
 def escape_label(value: str) -> str:
+    if "\\" not in value and "\n" not in value and '"' not in value:
+        return value  # the usual case: agent names, phases
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
@@ -49,16 +51,16 @@ class Family:
     `kind` is "gauge", "counter" (samples get `_total`) or "histogram".
     """
 
-    __slots__ = ("name", "help", "kind", "_order", "_names", "lines")
+    __slots__ = ("name", "help", "kind", "_pairs", "_sample", "lines")
 
     def __init__(self, name: str, help: str, kind: str = "gauge", labels: Sequence[str] = (),  # noqa: A002
                  value: float | None = None) -> None:
         self.name = name
         self.help = help
         self.kind = kind
-        # the positions of the label values in sorted-by-name order
-        self._order = sorted(range(len(labels)), key=lambda i: labels[i])
-        self._names = [labels[i] for i in self._order]
+        # (label name, position of its value), in the sorted-by-name order of the output
+        self._pairs = sorted(((label, i) for i, label in enumerate(labels)), key=lambda p: p[0])
+        self._sample = name + "_total" if kind == "counter" else name
         self.lines: list[str] = []
         if value is not None:
             self.add([], value)
@@ -68,17 +70,16 @@ class Family:
         return self.lines
 
     def _labelstr(self, values: Sequence[str], extra: tuple[str, str] | None = None) -> str:
-        pairs = [(self._names[k], values[i]) for k, i in enumerate(self._order)]
+        pairs = [(k, values[i]) for k, i in self._pairs]
         if extra is not None:
             pairs.append(extra)
             pairs.sort(key=lambda p: p[0])
         if not pairs:
             return ""
-        return "{" + ",".join(f'{k}="{escape_label(v)}"' for k, v in pairs) + "}"
+        return "{" + ",".join([f'{k}="{escape_label(v)}"' for k, v in pairs]) + "}"
 
     def add(self, values: Sequence[str], value: float) -> None:
-        suffix = "_total" if self.kind == "counter" else ""
-        self.lines.append(f"{self.name}{suffix}{self._labelstr(values)} {float_to_go(value)}\n")
+        self.lines.append(f"{self._sample}{self._labelstr(values)} {float_to_go(value)}\n")
 
     def add_histogram(self, values: Sequence[str], buckets: Sequence[tuple[str, float]], sum_value: float) -> None:
         """Cumulative buckets, +Inf last (its count is the _count), then _count and _sum."""
