@@ -17,8 +17,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 INF = float("inf")
 
 
+_COMMON = {0: "0.0", 1: "1.0"}  # most samples are one-hot flags and zero counters
+
+
 def float_to_go(value: float) -> str:
     """A sample value as Go (and prometheus_client's floatToGoString) writes it."""
+    if type(value) is int and value in _COMMON:  # ints only: the common case, without float()/repr()
+        return _COMMON[value]
     d = float(value)
     if d == INF:
         return "+Inf"
@@ -78,8 +83,17 @@ class Family:
             return ""
         return "{" + ",".join([f'{k}="{escape_label(v)}"' for k, v in pairs]) + "}"
 
+    def line(self, values: Sequence[str], value: float) -> str:
+        """One sample line, not added: callers cache what changes rarely and `extend` with it."""
+        return f"{self._sample}{self._labelstr(values)} {float_to_go(value)}\n"
+
     def add(self, values: Sequence[str], value: float) -> None:
-        self.lines.append(f"{self._sample}{self._labelstr(values)} {float_to_go(value)}\n")
+        self.lines.append(self.line(values, value))
+
+    def extend(self, text: str) -> None:
+        """Sample lines rendered earlier by `line` of a family of the same name and labels."""
+        if text:
+            self.lines.append(text)
 
     def add_histogram(self, values: Sequence[str], buckets: Sequence[tuple[str, float]], sum_value: float) -> None:
         """Cumulative buckets, +Inf last (its count is the _count), then _count and _sum."""

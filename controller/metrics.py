@@ -115,13 +115,18 @@ class AgentCollector:
         self.snapshot = snapshot
         self.usage = usage
         self.part = part  # "all", "snapshot" (what only changes with the snapshot) or "usage"
+        # agent -> (its status document, its lines of info/phase/desired/ready/activity): a document
+        # object is kept as long as it does not change (StatusWriter), so a new snapshot re-renders
+        # only the agents whose status changed
+        self._by_doc: dict[str, tuple[Mapping[str, Any], tuple[str, ...]]] = {}
+        # agent -> (its restart counts, their lines)
+        self._by_counts: dict[str, tuple[tuple[tuple[str, float], ...], str]] = {}
 
     def collect(self) -> Iterator[Family]:
         snap = self.snapshot()
         names = sorted(snap.statuses)
         if self.part in ("all", "snapshot"):
             yield from self._status_families(snap, names)
-            yield from self._activity(snap, names)
             yield self._restarts(snap, names)
             yield self._last_exit(snap, names)
             yield self._start_times(snap, names)
@@ -131,55 +136,63 @@ class AgentCollector:
             yield self._manifests(snap)
             yield from self._controller(snap)
 
-    @staticmethod
-    def _status_families(snap: SnapshotView, names: list[str]) -> Iterator[Family]:
-        info = Family("agentctl_agent_info", "Agent known to this controller, always 1.",
-                                 labels=["agent", "supervisor", "spec_hash", "source"])
-        phase = Family("agentctl_agent_phase", "1 for the agent's current phase, 0 for each other phase.",
-                                  labels=["agent", "phase"])
-        desired = Family("agentctl_agent_replicas_desired", "Instances the agent's spec asks for.",
-                                    labels=["agent"])
-        ready = Family("agentctl_agent_replicas_ready", "Instances of the agent that are running now.",
-                                  labels=["agent"])
+    def _status_families(self, snap: SnapshotView, names: list[str]) -> Iterator[Family]:
+        """info, phase, replicas and then activity: one-hot per agent, like the phase; with several
+        instances the most urgent one's activity (WaitingForInput, then Unknown, Working, Idle).
+        Agents with no running provider instance have no activity, and with no such agent at all
+        that family is left out (as the Git source's are)."""
+        families = (
+            Family("agentctl_agent_info", "Agent known to this controller, always 1.",
+                   labels=["agent", "supervisor", "spec_hash", "source"]),
+            Family("agentctl_agent_phase", "1 for the agent's current phase, 0 for each other phase.",
+                   labels=["agent", "phase"]),
+            Family("agentctl_agent_replicas_desired", "Instances the agent's spec asks for.", labels=["agent"]),
+            Family("agentctl_agent_replicas_ready", "Instances of the agent that are running now.", labels=["agent"]),
+            Family("agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
+                   "instances), 0 for each other activity.", labels=["agent", "activity"]),
+        )
+        cache, self._by_doc = self._by_doc, {}
         for name in names:
             doc = snap.statuses[name]
-            info.add([name, str(doc.get("supervisor") or ""), str(doc.get("specHash") or ""),
-                             str(doc.get("source") or "")], 1)
-            current = doc.get("phase")
-            for p in PHASES:
-                phase.add([name, p], 1 if current == p else 0)
-            replicas = doc.get("replicas") or {}
-            desired.add([name], replicas.get("desired", 0))
-            ready.add([name], replicas.get("ready", 0))
-        yield from (info, phase, desired, ready)
+            hit = cache.get(name)
+            lines = hit[1] if hit is not None and hit[0] is doc else self._agent_lines(families, name, doc)
+            self._by_doc[name] = (doc, lines)
+            for family, text in zip(families, lines, strict=True):
+                family.extend(text)
+        yield from families[:4]
+        if families[4].samples:
+            yield families[4]
 
     @staticmethod
-    def _activity(snap: SnapshotView, names: list[str]) -> Iterator[Family]:
-        """One-hot per agent, like the phase; with several instances the most urgent one's activity
-        (WaitingForInput, then Unknown, Working, Idle). Agents with no running provider instance have
-        none, and with no such agent at all the family is left out (as the Git source's are)."""
-        family = Family(
-            "agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
-            "instances), 0 for each other activity.", labels=["agent", "activity"])
-        for name in names:
-            current = agent_activity(snap.statuses[name])
-            if current is None:
-                continue
-            for a in ACTIVITIES:
-                family.add([name, a], 1 if current == a else 0)
-        if family.samples:
-            yield family
+    def _agent_lines(families: tuple[Family, ...], name: str, doc: Mapping[str, Any]) -> tuple[str, ...]:
+        info, phase, desired, ready, activity = families
+        current = doc.get("phase")
+        replicas = doc.get("replicas") or {}
+        doing = agent_activity(doc)
+        return (
+            info.line([name, str(doc.get("supervisor") or ""), str(doc.get("specHash") or ""),
+                       str(doc.get("source") or "")], 1),
+            "".join(phase.line([name, p], 1 if current == p else 0) for p in PHASES),
+            desired.line([name], replicas.get("desired", 0)),
+            ready.line([name], replicas.get("ready", 0)),
+            "" if doing is None else "".join(activity.line([name, a], 1 if doing == a else 0) for a in ACTIVITIES),
+        )
 
-    @staticmethod
-    def _restarts(snap: SnapshotView, names: list[str]) -> Family:
+    def _restarts(self, snap: SnapshotView, names: list[str]) -> Family:
         family = Family(
             "agentctl_agent_restarts", "Restarts of the agent's instances by the exit reason that caused them, "
             "across spec changes; 0 for each reason that has not happened yet.", "counter", labels=["agent", "reason"])
-        known = set(names)
-        values: dict[tuple[str, str], float] = {(n, r): 0 for n in names for r in RESTART_REASONS}
-        values.update({key: v for key, v in snap.counters.items() if key[0] in known})
-        for (agent, reason), value in sorted(values.items()):
-            family.add([agent, reason], value)
+        counts: dict[str, dict[str, float]] = {n: dict.fromkeys(RESTART_REASONS, 0) for n in names}
+        for (agent, reason), value in snap.counters.items():
+            if agent in counts:
+                counts[agent][reason] = value
+        cache, self._by_counts = self._by_counts, {}
+        for name in names:
+            key = tuple(sorted(counts[name].items()))
+            hit = cache.get(name)
+            text = hit[1] if hit is not None and hit[0] == key else "".join(family.line([name, r], v) for r, v in key)
+            self._by_counts[name] = (key, text)
+            family.extend(text)
         return family
 
     @staticmethod
