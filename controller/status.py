@@ -16,14 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from controller.activity import Observation, status_fields
-from controller.manifests import NAME_RE
 from controller.model import InstanceRecord, RunState
-from controller.planner import PhaseView
+
+if TYPE_CHECKING:
+    from controller.planner import PhaseView
 
 log = logging.getLogger("agentctl.status")
 
@@ -234,6 +235,8 @@ class StatusWriter:
         return self.docs.get(name)
 
     def write(self, name: str, doc: dict[str, Any]) -> bool:
+        from controller.manifests import NAME_RE  # here: `get` reads statuses without importing pydantic
+
         if not re.match(NAME_RE, name):
             raise ValueError(f"refusing to write a status for the invalid agent name {name!r}")
         if _same(self.docs.get(name), doc):
