@@ -22,8 +22,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-
+from controller.exposition import CONTENT_TYPE as CONTENT_TYPE_PLAIN_0_0_4
 from controller.listener import MAX_HEAD, Listener
 from controller.metrics import Metrics, SnapshotView
 from controller.model import Handle

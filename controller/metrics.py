@@ -15,16 +15,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
-
 from controller import __version__, procfs
+from controller.exposition import Family, render
 from controller.activity import Activity, agent_activity
 from controller.model import ExitReason, Handle, Phase
 
@@ -58,6 +50,12 @@ class SnapshotView(Protocol):
     def manifest_valid(self) -> Mapping[str, bool]: ...
     @property
     def ready(self) -> bool: ...
+
+
+class Collector(Protocol):
+    """A source of families, asked again at every scrape (or snapshot, for the static part)."""
+
+    def collect(self) -> Iterator[Family]: ...
 
 
 class Usage:
@@ -110,20 +108,25 @@ class Usage:
         return {a: (rss.get(a, 0), cpu_now.get(a, 0.0)) for a in agents}
 
 
-class AgentCollector(Collector):
+class AgentCollector:
     """Per-agent series of §5, rebuilt from the snapshot at every scrape."""
 
     def __init__(self, snapshot: Callable[[], SnapshotView], usage: Usage, *, part: str = "all") -> None:
         self.snapshot = snapshot
         self.usage = usage
         self.part = part  # "all", "snapshot" (what only changes with the snapshot) or "usage"
+        # agent -> (its status document, its lines of info/phase/desired/ready/activity): a document
+        # object is kept as long as it does not change (StatusWriter), so a new snapshot re-renders
+        # only the agents whose status changed
+        self._by_doc: dict[str, tuple[Mapping[str, Any], tuple[str, ...]]] = {}
+        # agent -> (its restart counts, their lines)
+        self._by_counts: dict[str, tuple[tuple[tuple[str, float], ...], str]] = {}
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         snap = self.snapshot()
         names = sorted(snap.statuses)
         if self.part in ("all", "snapshot"):
             yield from self._status_families(snap, names)
-            yield from self._activity(snap, names)
             yield self._restarts(snap, names)
             yield self._last_exit(snap, names)
             yield self._start_times(snap, names)
@@ -133,123 +136,130 @@ class AgentCollector(Collector):
             yield self._manifests(snap)
             yield from self._controller(snap)
 
-    @staticmethod
-    def _status_families(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
-        info = GaugeMetricFamily("agentctl_agent_info", "Agent known to this controller, always 1.",
-                                 labels=["agent", "supervisor", "spec_hash", "source"])
-        phase = GaugeMetricFamily("agentctl_agent_phase", "1 for the agent's current phase, 0 for each other phase.",
-                                  labels=["agent", "phase"])
-        desired = GaugeMetricFamily("agentctl_agent_replicas_desired", "Instances the agent's spec asks for.",
-                                    labels=["agent"])
-        ready = GaugeMetricFamily("agentctl_agent_replicas_ready", "Instances of the agent that are running now.",
-                                  labels=["agent"])
+    def _status_families(self, snap: SnapshotView, names: list[str]) -> Iterator[Family]:
+        """info, phase, replicas and then activity: one-hot per agent, like the phase; with several
+        instances the most urgent one's activity (WaitingForInput, then Unknown, Working, Idle).
+        Agents with no running provider instance have no activity, and with no such agent at all
+        that family is left out (as the Git source's are)."""
+        families = (
+            Family("agentctl_agent_info", "Agent known to this controller, always 1.",
+                   labels=["agent", "supervisor", "spec_hash", "source"]),
+            Family("agentctl_agent_phase", "1 for the agent's current phase, 0 for each other phase.",
+                   labels=["agent", "phase"]),
+            Family("agentctl_agent_replicas_desired", "Instances the agent's spec asks for.", labels=["agent"]),
+            Family("agentctl_agent_replicas_ready", "Instances of the agent that are running now.", labels=["agent"]),
+            Family("agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
+                   "instances), 0 for each other activity.", labels=["agent", "activity"]),
+        )
+        cache, self._by_doc = self._by_doc, {}
         for name in names:
             doc = snap.statuses[name]
-            info.add_metric([name, str(doc.get("supervisor") or ""), str(doc.get("specHash") or ""),
-                             str(doc.get("source") or "")], 1)
-            current = doc.get("phase")
-            for p in PHASES:
-                phase.add_metric([name, p], 1 if current == p else 0)
-            replicas = doc.get("replicas") or {}
-            desired.add_metric([name], replicas.get("desired", 0))
-            ready.add_metric([name], replicas.get("ready", 0))
-        yield from (info, phase, desired, ready)
+            hit = cache.get(name)
+            lines = hit[1] if hit is not None and hit[0] is doc else self._agent_lines(families, name, doc)
+            self._by_doc[name] = (doc, lines)
+            for family, text in zip(families, lines, strict=True):
+                family.extend(text)
+        yield from families[:4]
+        if families[4].samples:
+            yield families[4]
 
     @staticmethod
-    def _activity(snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
-        """One-hot per agent, like the phase; with several instances the most urgent one's activity
-        (WaitingForInput, then Unknown, Working, Idle). Agents with no running provider instance have
-        none, and with no such agent at all the family is left out (as the Git source's are)."""
-        family = GaugeMetricFamily(
-            "agentctl_agent_activity", "1 for what the agent's AI session is doing (the most urgent of its "
-            "instances), 0 for each other activity.", labels=["agent", "activity"])
-        for name in names:
-            current = agent_activity(snap.statuses[name])
-            if current is None:
-                continue
-            for a in ACTIVITIES:
-                family.add_metric([name, a], 1 if current == a else 0)
-        if family.samples:
-            yield family
+    def _agent_lines(families: tuple[Family, ...], name: str, doc: Mapping[str, Any]) -> tuple[str, ...]:
+        info, phase, desired, ready, activity = families
+        current = doc.get("phase")
+        replicas = doc.get("replicas") or {}
+        doing = agent_activity(doc)
+        return (
+            info.line([name, str(doc.get("supervisor") or ""), str(doc.get("specHash") or ""),
+                       str(doc.get("source") or "")], 1),
+            "".join(phase.line([name, p], 1 if current == p else 0) for p in PHASES),
+            desired.line([name], replicas.get("desired", 0)),
+            ready.line([name], replicas.get("ready", 0)),
+            "" if doing is None else "".join(activity.line([name, a], 1 if doing == a else 0) for a in ACTIVITIES),
+        )
 
-    @staticmethod
-    def _restarts(snap: SnapshotView, names: list[str]) -> Metric:
-        family = CounterMetricFamily(
+    def _restarts(self, snap: SnapshotView, names: list[str]) -> Family:
+        family = Family(
             "agentctl_agent_restarts", "Restarts of the agent's instances by the exit reason that caused them, "
-            "across spec changes; 0 for each reason that has not happened yet.", labels=["agent", "reason"])
-        known = set(names)
-        values: dict[tuple[str, str], float] = {(n, r): 0 for n in names for r in RESTART_REASONS}
-        values.update({key: v for key, v in snap.counters.items() if key[0] in known})
-        for (agent, reason), value in sorted(values.items()):
-            family.add_metric([agent, reason], value)
+            "across spec changes; 0 for each reason that has not happened yet.", "counter", labels=["agent", "reason"])
+        counts: dict[str, dict[str, float]] = {n: dict.fromkeys(RESTART_REASONS, 0) for n in names}
+        for (agent, reason), value in snap.counters.items():
+            if agent in counts:
+                counts[agent][reason] = value
+        cache, self._by_counts = self._by_counts, {}
+        for name in names:
+            key = tuple(sorted(counts[name].items()))
+            hit = cache.get(name)
+            text = hit[1] if hit is not None and hit[0] == key else "".join(family.line([name, r], v) for r, v in key)
+            self._by_counts[name] = (key, text)
+            family.extend(text)
         return family
 
     @staticmethod
-    def _last_exit(snap: SnapshotView, names: list[str]) -> Metric:
-        family = GaugeMetricFamily("agentctl_agent_last_exit_code",
+    def _last_exit(snap: SnapshotView, names: list[str]) -> Family:
+        family = Family("agentctl_agent_last_exit_code",
                                    "Exit code of the agent's last instance exit that had one.", labels=["agent"])
         for name in names:
             if name in snap.last_exit_codes:
-                family.add_metric([name], snap.last_exit_codes[name])
+                family.add([name], snap.last_exit_codes[name])
         return family
 
     @staticmethod
-    def _start_times(snap: SnapshotView, names: list[str]) -> Metric:
-        family = GaugeMetricFamily("agentctl_agent_start_time_seconds",
+    def _start_times(snap: SnapshotView, names: list[str]) -> Family:
+        family = Family("agentctl_agent_start_time_seconds",
                                    "Start time of the instance's current process, seconds since the epoch.",
                                    labels=["agent", "instance"])
         known = set(names)
         for iid, (agent, wall) in sorted(snap.start_times.items()):
             if agent in known:
-                family.add_metric([agent, iid], wall)
+                family.add([agent, iid], wall)
         return family
 
-    def _usage(self, snap: SnapshotView, names: list[str]) -> Iterator[Metric]:
+    def _usage(self, snap: SnapshotView, names: list[str]) -> Iterator[Family]:
         usage = self.usage.get(snap.handles, frozenset(names))
-        rss = GaugeMetricFamily("agentctl_agent_resident_memory_bytes",
+        rss = Family("agentctl_agent_resident_memory_bytes",
                                 "Resident memory of every process of the agent's instances (whole trees).",
                                 labels=["agent"])
-        cpu = CounterMetricFamily("agentctl_agent_cpu_seconds",
+        cpu = Family("agentctl_agent_cpu_seconds",
                                   "CPU time (user and system) used by the processes of the agent's instances.",
-                                  labels=["agent"])
+                                  "counter", labels=["agent"])
         for name in names:
             mem, seconds = usage.get(name, (0, 0.0))
-            rss.add_metric([name], mem)
-            cpu.add_metric([name], seconds)
+            rss.add([name], mem)
+            cpu.add([name], seconds)
         yield rss
         yield cpu
 
     @staticmethod
-    def _manifests(snap: SnapshotView) -> Metric:
-        family = GaugeMetricFamily("agentctl_manifest_valid", "1 if the manifest file parses and validates, else 0.",
+    def _manifests(snap: SnapshotView) -> Family:
+        family = Family("agentctl_manifest_valid", "1 if the manifest file parses and validates, else 0.",
                                    labels=["source"])
         for source, ok in sorted(snap.manifest_valid.items()):
-            family.add_metric([source], 1 if ok else 0)
+            family.add([source], 1 if ok else 0)
         return family
 
 
     @staticmethod
-    def _controller(snap: SnapshotView) -> Iterator[Metric]:
+    def _controller(snap: SnapshotView) -> Iterator[Family]:
         """The Git source (when there is one) and failed state writes."""
         source = getattr(snap, "source", None)
         if source is not None:
             url, revision, last_sync = source
-            info = GaugeMetricFamily("agentctl_source_info", "The Git source and the revision applied (1).",
+            info = Family("agentctl_source_info", "The Git source and the revision applied (1).",
                                      labels=["url", "revision"])
-            info.add_metric([url, revision or ""], 1)
+            info.add([url, revision or ""], 1)
             yield info
             if last_sync is not None:
-                yield GaugeMetricFamily("agentctl_source_last_sync_timestamp_seconds",
+                yield Family("agentctl_source_last_sync_timestamp_seconds",
                                         "When the last successful fetch of the Git source finished.", value=last_sync)
-        yield CounterMetricFamily("agentctl_state_write_errors", "Store and status file writes that failed.",
+        yield Family("agentctl_state_write_errors", "Store and status file writes that failed.", "counter",
                                   value=getattr(snap, "write_errors", 0))
 
 
-class LoopCollector(Collector):
+class LoopCollector:
     """Reconcile counters, their duration histogram, queue depth and build info.
 
-    Kept by hand rather than with prometheus_client's Counter/Histogram, which would add
-    `_created` series to every scrape of the text format.
+    Kept by hand (no `_created` series, as before, when prometheus_client rendered them).
     """
 
     def __init__(self, queue_depth: Callable[[], float]) -> None:
@@ -267,44 +277,40 @@ class LoopCollector(Collector):
                 self._buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
                 self._sum += seconds
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         with self._lock:
             results, counts, total = dict(self._results), list(self._buckets), self._sum
-        reconciles = CounterMetricFamily("agentctl_reconcile", "Reconciles of one agent, by result.",
+        reconciles = Family("agentctl_reconcile", "Reconciles of one agent, by result.", "counter",
                                          labels=["result"])
         for result, value in sorted(results.items()):
-            reconciles.add_metric([result], value)
+            reconciles.add([result], value)
         yield reconciles
         cumulative, buckets = 0, []
         for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily("agentctl_reconcile_duration_seconds",
-                                    "Time a successful reconcile of one agent took.", buckets=buckets, sum_value=total)
-        yield GaugeMetricFamily("agentctl_workqueue_depth", "Agents waiting to be reconciled or being reconciled.",
+        duration = Family("agentctl_reconcile_duration_seconds",
+                          "Time a successful reconcile of one agent took.", "histogram")
+        duration.add_histogram([], buckets, total)
+        yield duration
+        yield Family("agentctl_workqueue_depth", "Agents waiting to be reconciled or being reconciled.",
                                 value=self.queue_depth())
-        build = GaugeMetricFamily("agentctl_build_info", "Version of this controller, always 1.", labels=["version"])
-        build.add_metric([__version__], 1)
+        build = Family("agentctl_build_info", "Version of this controller, always 1.", labels=["version"])
+        build.add([__version__], 1)
         yield build
 
 
 class Metrics:
-    """The controller's own registry (never the global default one)."""
+    """The controller's own series (no global registry: nothing else can add to them)."""
 
     def __init__(self, snapshot: Callable[[], SnapshotView], queue_depth: Callable[[], float], *,
                  usage: Usage | None = None) -> None:
         usage = usage or Usage()
         self.snapshot = snapshot
-        self.registry = CollectorRegistry(auto_describe=False)
         self.loop = LoopCollector(queue_depth)
-        self.registry.register(AgentCollector(snapshot, usage))
-        self.registry.register(self.loop)
         # render(): the snapshot's families are rendered once per snapshot, the rest per scrape
-        self._by_snapshot = CollectorRegistry(auto_describe=False)
-        self._by_snapshot.register(AgentCollector(snapshot, usage, part="snapshot"))
-        self._per_scrape = CollectorRegistry(auto_describe=False)
-        self._per_scrape.register(AgentCollector(snapshot, usage, part="usage"))
-        self._per_scrape.register(self.loop)
+        self._by_snapshot = AgentCollector(snapshot, usage, part="snapshot")
+        self._per_scrape: list[Collector] = [AgentCollector(snapshot, usage, part="usage"), self.loop]
         self._cache_lock = threading.Lock()
         self._cached: tuple[object, bytes] | None = None
 
@@ -314,17 +320,16 @@ class Metrics:
         snap = self.snapshot()
         with self._cache_lock:
             if self._cached is None or self._cached[0] is not snap:
-                self._cached = (snap, generate_latest(self._by_snapshot))
+                self._cached = (snap, render(self._by_snapshot.collect()))
             static = self._cached[1]
-        return static + generate_latest(self._per_scrape)
+        return static + render(f for c in self._per_scrape for f in c.collect())
 
     def observe(self, result: str, seconds: float) -> None:
         self.loop.observe(result, seconds)
 
     def add_fleet(self, collector: Collector) -> None:
         """Fleet series, rendered on every scrape (they change without a new snapshot)."""
-        self.registry.register(collector)
-        self._per_scrape.register(collector)
+        self._per_scrape.append(collector)
 
 
 @dataclass(frozen=True)
@@ -336,28 +341,29 @@ class FleetStats:
     unowned_seconds: float  # leader: age of the oldest wanted instance no host has claimed
 
 
-class FleetCollector(Collector):
+class FleetCollector:
     """CONTRACT §10's fleet metrics, registered only when the controller is coordinated."""
 
     def __init__(self, stats: Callable[[], FleetStats]) -> None:
         self.stats = stats
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         st = self.stats()
-        yield GaugeMetricFamily("agentctl_fleet_hosts", "Live hosts of the fleet (host records on a live lease).",
+        yield Family("agentctl_fleet_hosts", "Live hosts of the fleet (host records on a live lease).",
                                 value=st.hosts)
-        yield GaugeMetricFamily("agentctl_fleet_leader", "1 on the host that assigns instances to hosts, else 0.",
+        yield Family("agentctl_fleet_leader", "1 on the host that assigns instances to hosts, else 0.",
                                 value=1 if st.leader else 0)
         bounds, counts, total = st.renewals
         cumulative, buckets = 0, []
         for bound, count in zip((*bounds, float("inf")), counts, strict=True):
             cumulative += count
             buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-        yield HistogramMetricFamily("agentctl_fleet_lease_renewal_seconds",
-                                    "Round trip of each lease renewal (keep-alive) to etcd, failed ones included.",
-                                    buckets=buckets, sum_value=total)
-        yield GaugeMetricFamily("agentctl_fleet_lease_ttl_seconds", "The lease TTL of this host (--lease-ttl).",
+        renewal = Family("agentctl_fleet_lease_renewal_seconds",
+                         "Round trip of each lease renewal (keep-alive) to etcd, failed ones included.", "histogram")
+        renewal.add_histogram([], buckets, total)
+        yield renewal
+        yield Family("agentctl_fleet_lease_ttl_seconds", "The lease TTL of this host (--lease-ttl).",
                                 value=st.lease_ttl)
-        yield GaugeMetricFamily("agentctl_fleet_unassigned_oldest_seconds",
+        yield Family("agentctl_fleet_unassigned_oldest_seconds",
                                 "On the leader: how long the oldest wanted instance has run on no host (0: none).",
                                 value=st.unowned_seconds)

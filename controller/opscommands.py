@@ -74,13 +74,18 @@ def _rows(docs: list[dict[str, Any]], *, wide: bool, up: bool) -> list[tuple[str
 
 def cmd_get(args: argparse.Namespace) -> int:
     state_dir, up = open_state(args)
-    docs = _select(status.read_all(state_dir / "status"), args)
+    read = status.read_all_json(state_dir / "status")  # from the JSON mirror where it is current
+    docs = _select([doc for doc, _ in read], args)
     if args.name and not docs:
         raise CommandError(f"agent {args.name!r} not found in {state_dir}")
-    if args.output in ("json", "yaml"):
+    if args.output == "json":
+        kept = {id(d) for d in docs}
+        texts = [text if text is not None else json.dumps(doc, indent=2) for doc, text in read if id(doc) in kept]
+        print(texts[0] if args.name else status.items_json(texts))
+    if args.output == "yaml":
         body: Any = docs[0] if args.name else {"items": docs}
-        print(json.dumps(body, indent=2) if args.output == "json" else yaml.safe_dump(body, sort_keys=False), end=
-              "\n" if args.output == "json" else "")
+        print(yaml.safe_dump(body, sort_keys=False), end="")
+    if args.output in ("json", "yaml"):
         if args.watch:
             raise CommandError("-w works with -o table or -o wide")
         return 0

@@ -5,7 +5,6 @@ Never reconciles by itself: it marks agents dirty and lets the loop act."""
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import logging
@@ -200,6 +199,8 @@ def _suspend(controller: Controller, name: str, on: bool) -> None:
 
 
 def _start_reconcile(controller: Controller, stem: str) -> None:
+    import asyncio  # here: the CLI's `get` imports this module and needs no event loop
+
     log.info("reconcile requested (%s)", stem, extra={"action": "reconcile", "reason": "ReconcileRequested"})
     task = asyncio.get_running_loop().create_task(_reconcile_now(controller, stem))
     controller.background.add(task)
@@ -208,6 +209,8 @@ def _start_reconcile(controller: Controller, stem: str) -> None:
 
 async def _reconcile_now(controller: Controller, stem: str) -> None:
     """A Git fetch (if any), then a full pass; the ack goes out once that pass is over (after_publish)."""
+    import asyncio  # here: the CLI's `get` imports this module and needs no event loop
+
     git = controller.git
     if git is not None:
         result = await asyncio.to_thread(git.sync)
@@ -219,6 +222,8 @@ async def _reconcile_now(controller: Controller, stem: str) -> None:
 
 def after_publish(controller: Controller) -> None:
     """Publish hook: answer the reconcile requests whose pass is done (nothing dirty, nothing running)."""
+    import asyncio  # here: the CLI's `get` imports this module and needs no event loop
+
     ops = controller.ops
     if controller.ready and ops.suspended - set(controller.agents):
         _forget_deleted(controller)
@@ -233,6 +238,8 @@ def after_publish(controller: Controller) -> None:
 
 async def _ack(controller: Controller, stems: tuple[str, ...], passes: int) -> None:
     """Once the pass's status files are on disk (they are written by a thread), tell the CLI."""
+    import asyncio  # here: the CLI's `get` imports this module and needs no event loop
+
     if controller.status is not None:
         await asyncio.to_thread(controller.status.flush)
     body = json.dumps({"pass": passes, "agents": len(controller.agents), "at": time.time()}) + "\n"

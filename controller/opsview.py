@@ -10,9 +10,10 @@ import signal as signals
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from controller.desired import DesiredAgent
+if TYPE_CHECKING:  # `get` renders rows without importing pydantic
+    from controller.desired import DesiredAgent
 
 # Ready-condition reasons that are the one thing an operator must know, as they are
 OPERATOR_REASONS = ("SuspendedByOperator", "CrashLoop", "Failed", "SupervisorUnavailable", "HostCapacity", "BackOff")

@@ -107,7 +107,7 @@ class Controller:
         self.controller_id = self._controller_id(store)
         store.set_meta("controller_id", self.controller_id)
         self._wire(store)
-        self.publisher = Publisher(self.table, self._status or StatusWriter(self.settings.status_dir), self.clock)
+        self.publisher = Publisher(self.table, self._status or StatusWriter(self.settings.status_dir, mirror=True), self.clock)
         self.publisher.hooks.append(lambda: opsrequests.after_publish(self))
         self._load(store, boot=self.host.boot_id())
         self.table.commit()  # a lock taken since the open is retried by the loop, not a crash

@@ -6,6 +6,8 @@ with the result; `get`/`describe` and the HTTP API read what was written.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -16,14 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from controller.activity import Observation, status_fields
-from controller.manifests import NAME_RE
 from controller.model import InstanceRecord, RunState
-from controller.planner import PhaseView
+
+if TYPE_CHECKING:
+    from controller.planner import PhaseView
 
 log = logging.getLogger("agentctl.status")
 
@@ -176,11 +179,36 @@ def _escaped(value: Any) -> Any:
     return value
 
 
-def _dump(doc: dict[str, Any]) -> str:
+def _dump(doc: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The YAML text, and the document it holds (escaped, in the rare case that was needed)."""
     try:
-        return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+        return str(yaml.dump(doc, Dumper=_Dumper, sort_keys=False, allow_unicode=True)), doc
     except UnicodeEncodeError:  # rare: escape only then, not on every write
-        return str(yaml.dump(_escaped(doc), Dumper=_Dumper, sort_keys=False, allow_unicode=True))
+        escaped = _escaped(doc)
+        return str(yaml.dump(escaped, Dumper=_Dumper, sort_keys=False, allow_unicode=True)), escaped
+
+
+def mirror_dir(directory: Path) -> Path:
+    """<state>/cache/status: each status file also as the JSON `get -o json` prints, so that `get`
+    need not parse a thousand YAML files (most of its time at 1000 agents). Derived and disposable:
+    a mirror counts only while it names the exact bytes of its YAML file."""
+    return directory.parent / "cache" / "status"
+
+
+def _digest(raw: bytes) -> str:
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _mirror_text(doc: dict[str, Any], yaml_text: str) -> str | None:
+    """The digest of the YAML file's bytes, a newline, then json.dumps(doc, indent=2); None when
+    JSON would not read back as the same document (then readers parse the YAML)."""
+    try:
+        text = json.dumps(doc, indent=2)
+        if json.loads(text) != doc:
+            return None
+    except (TypeError, ValueError):
+        return None
+    return f"{_digest(yaml_text.encode('utf-8', 'backslashreplace'))}\n{text}"
 
 
 def _same(a: dict[str, Any] | None, b: dict[str, Any]) -> bool:
@@ -214,9 +242,14 @@ class StatusWriter:
 
     COALESCE_SECONDS = 0.1  # also keeps YAML dumping out of the loop thread's way during a burst
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, mirror: bool = False) -> None:
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.mirror: Path | None = None  # the controller's writer also keeps the JSON mirror (mirror_dir)
+        if mirror:
+            self.mirror = mirror_dir(directory)
+            for private in (self.mirror.parent, self.mirror):  # each one 0700, not only the last
+                private.mkdir(mode=0o700, exist_ok=True)
         self.docs: dict[str, dict[str, Any]] = {}
         self.failures = 0  # writes that failed since start (disk full, read-only...)
         self.last_error: str | None = None
@@ -234,6 +267,8 @@ class StatusWriter:
         return self.docs.get(name)
 
     def write(self, name: str, doc: dict[str, Any]) -> bool:
+        from controller.manifests import NAME_RE  # here: `get` reads statuses without importing pydantic
+
         if not re.match(NAME_RE, name):
             raise ValueError(f"refusing to write a status for the invalid agent name {name!r}")
         if _same(self.docs.get(name), doc):
@@ -299,8 +334,11 @@ class StatusWriter:
         try:
             if doc is None:
                 path.unlink(missing_ok=True)
+                self._mirror(name, None)
             else:
-                atomic_write(path, _dump(doc))
+                text, dumped = _dump(doc)
+                atomic_write(path, text)
+                self._mirror(name, _mirror_text(dumped, text))  # after the YAML: readers check its digest
         except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: UnicodeEncodeError too
             self.failures += 1
             message = f"cannot write status of {name}: {exc}"
@@ -310,6 +348,15 @@ class StatusWriter:
             return False
         self.last_error = None
         return True
+
+    def _mirror(self, name: str, text: str | None) -> None:
+        if self.mirror is None:
+            return
+        path = self.mirror / f"{name}.json"
+        if text is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, text)
 
     def names_on_disk(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.yaml"))
@@ -321,6 +368,56 @@ def read_status(directory: Path, name: str) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    """read_status of bytes already read."""
+    try:
+        data = yaml.load(raw.decode("utf-8"), Loader=_Loader)
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _mirrored(path: Path, raw: bytes) -> str | None:
+    """The mirror's JSON if it mirrors exactly these YAML bytes."""
+    try:
+        digest, _, text = path.read_text(encoding="utf-8").partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and digest == _digest(raw) else None
+
+
+def read_all_json(directory: Path) -> list[tuple[dict[str, Any], str | None]]:
+    """read_all, each document with its json.dumps(doc, indent=2) when the writer's mirror holds it
+    for the file's current bytes (else None: the YAML was parsed, as read_all does)."""
+    mirror = mirror_dir(directory)
+    out: list[tuple[dict[str, Any], str | None]] = []
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        text = _mirrored(mirror / f"{path.stem}.json", raw)
+        if text is not None:
+            try:
+                out.append((json.loads(text), text))
+                continue
+            except ValueError:
+                pass
+        doc = _parse(raw)
+        if doc is not None:
+            out.append((doc, None))
+    return out
+
+
+def items_json(texts: list[str]) -> str:
+    """json.dumps({"items": docs}, indent=2) from each document's json.dumps(doc, indent=2): nesting
+    indents every line after a document's first by four more spaces, and no JSON string holds a
+    raw newline."""
+    if not texts:
+        return '{\n  "items": []\n}'
+    return '{\n  "items": [\n    ' + ",\n    ".join(t.replace("\n", "\n    ") for t in texts) + "\n  ]\n}"
 
 
 def read_all(directory: Path) -> list[dict[str, Any]]:
